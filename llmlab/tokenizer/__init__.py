@@ -1,0 +1,143 @@
+"""Tokenizer: a thin, typed wrapper over a Hugging Face ``tokenizers.Tokenizer`` (``tokenizer.json``).
+
+It adds what the pipeline needs on top of encode/decode: the bos/eos/pad ids, the chat role markers and the
+chat template (a Jinja string, as in ``tokenizer_config.json`` or GGUF metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from llmlab.errors import CheckpointError
+
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+# Special tokens of the tokenizers llmlab trains. ChatML-style role markers for chat models.
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+
+
+@dataclass
+class Tokenizer:
+    backend: HFTokenizer
+    bos_token: str | None = BOS
+    eos_token: str | None = EOS
+    pad_token: str | None = PAD
+    chat_template: str | None = None
+    # Extra ids that end generation (e.g. <|im_end|> for chat models whose eos differs).
+    extra_stop_tokens: list[str] = field(default_factory=list)
+    add_bos: bool = False
+
+    # ------------------------------------------------------------------------------------ encode
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if (add_special_tokens or self.add_bos) and self.bos_id is not None:
+            ids = [self.bos_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self.backend.id_to_token(idx)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def _id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        pad = self._id(self.pad_token)
+        return pad if pad is not None else self.eos_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        ids = [self.eos_id] + [self._id(t) for t in self.extra_stop_tokens]
+        return sorted({i for i in ids if i is not None})
+
+    # -------------------------------------------------------------------------------- save / load
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / TOKENIZER_FILE))
+        meta = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "chat_template": self.chat_template,
+            "extra_stop_tokens": self.extra_stop_tokens,
+            "add_bos_token": self.add_bos,
+        }
+        (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """Load a ``tokenizer.json`` (or a directory holding one, plus ``tokenizer_config.json`` if present).
+
+        ``tokenizer_config.json`` is read in either llmlab's or transformers' layout (special tokens may be
+        strings or ``{"content": ...}`` dicts).
+        """
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"{file}: tokenizer file not found")
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"{file}: not a valid tokenizer.json ({exc})") from exc
+        meta: dict = {}
+        cfg_file = directory / TOKENIZER_CONFIG_FILE
+        if cfg_file.is_file():
+            try:
+                meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{cfg_file}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
+
+        def token(key: str) -> str | None:
+            value = meta.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            return value
+
+        tok = cls(
+            backend=backend,
+            bos_token=token("bos_token"),
+            eos_token=token("eos_token"),
+            pad_token=token("pad_token"),
+            chat_template=meta.get("chat_template"),
+            extra_stop_tokens=list(meta.get("extra_stop_tokens", [])),
+            add_bos=bool(meta.get("add_bos_token", False)),
+        )
+        if not meta:
+            # A bare tokenizer.json: guess the special tokens from its added vocabulary.
+            added = {t.content for t in backend.get_added_tokens_decoder().values()}
+            tok.bos_token = next((t for t in (BOS, "<s>", "<|endoftext|>", "<|begin_of_text|>") if t in added), None)
+            tok.eos_token = next((t for t in (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>") if t in added), None)
+            tok.pad_token = next((t for t in (PAD, "<pad>") if t in added), None)
+            if IM_END in added:
+                tok.extra_stop_tokens = [IM_END]
+        return tok
