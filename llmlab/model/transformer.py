@@ -307,8 +307,9 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def logits(self, hidden: Tensor) -> Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)  # a module call, so a quantized or adapted head works too
+        return F.linear(hidden, self.embed_tokens.weight)
 
     # ---------------------------------------------------------------------------------- accounting
     def num_params(self, exclude_embeddings: bool = False) -> int:

@@ -16,11 +16,21 @@ from llmlab.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves the chat template
 
 # Special tokens of the tokenizers llmlab trains. ChatML-style role markers for chat models.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+
+# ChatML, the chat format of Qwen2 and SmolLM2: every message is ``<|im_start|>{role}\n{content}<|im_end|>\n``;
+# ``add_generation_prompt`` opens the assistant turn. Tokenizers trained by llmlab store it as their template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 @dataclass
@@ -35,14 +45,35 @@ class Tokenizer:
     add_bos: bool = False
 
     # ------------------------------------------------------------------------------------ encode
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(
+        self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``.
+
+        Like Hugging Face tokenizers, text that spells a special token (``"<|im_end|>"``) is encoded AS that
+        special token by default: chat templates are rendered to a string and rely on this. For untrusted
+        text (a user message, a document) pass ``split_special_tokens=True``: such strings are then encoded
+        as ordinary characters, so the text cannot forge a role marker or an end of sequence.
+        """
+        backend = self._plain_backend() if split_special_tokens else self.backend
+        ids = backend.encode(text, add_special_tokens=False).ids
         if (add_special_tokens or self.add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+    def _plain_backend(self) -> HFTokenizer:
+        """A copy of the backend that never matches special tokens in text (built once, then cached)."""
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self.__dict__["_plain"] = plain
+        return plain
+
+    def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text, encoded in parallel by the Rust backend (see :meth:`encode`)."""
+        backend = self._plain_backend() if split_special_tokens else self.backend
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -123,12 +154,17 @@ class Tokenizer:
                 value = value.get("content")
             return value
 
+        chat_template = meta.get("chat_template")
+        template_file = directory / CHAT_TEMPLATE_FILE
+        if chat_template is None and template_file.is_file():
+            # transformers >= 4.43 saves the template beside tokenizer_config.json instead of inside it.
+            chat_template = template_file.read_text(encoding="utf-8")
         tok = cls(
             backend=backend,
             bos_token=token("bos_token"),
             eos_token=token("eos_token"),
             pad_token=token("pad_token"),
-            chat_template=meta.get("chat_template"),
+            chat_template=chat_template,
             extra_stop_tokens=list(meta.get("extra_stop_tokens", [])),
             add_bos=bool(meta.get("add_bos_token", False)),
         )

@@ -79,7 +79,14 @@ class TrainConfig:
             raise bad(f"'precision' must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.parallel not in PARALLEL:
             raise bad(f"'parallel' must be one of {list(PARALLEL)}, got {self.parallel!r}")
-        for name in ("batch_size", "grad_accum_steps", "seq_len", "eval_batches", "log_every", "spike_window"):
+        for name in (
+            "batch_size",
+            "grad_accum_steps",
+            "seq_len",
+            "eval_batches",
+            "log_every",
+            "spike_window",
+        ):
             if getattr(self, name) <= 0:
                 raise bad(f"'{name}' must be positive, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "keep_last", "spike_patience"):
@@ -111,6 +118,8 @@ class DataConfig:
     vocab_size: int = 4096
     val_fraction: float = 0.1
     tokenizer: str | None = None  # an existing tokenizer.json / dir instead of training one
+    clean: str = "default"  # cleaning preset of llmlab.data.clean (default, light, none)
+    seed: int = 0  # of the train/val document split
 
     def validate(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:
@@ -136,8 +145,17 @@ def _tiny() -> PretrainConfig:
     return PretrainConfig(
         model=copy.deepcopy(MODEL_PRESETS["tiny"]),
         train=TrainConfig(
-            lr=2e-3, min_lr=2e-4, warmup_steps=50, max_steps=600, batch_size=16, seq_len=256,
-            eval_every=200, eval_batches=16, save_every=200, log_every=10, weight_decay=0.1,
+            lr=2e-3,
+            min_lr=2e-4,
+            warmup_steps=50,
+            max_steps=600,
+            batch_size=16,
+            seq_len=256,
+            eval_every=200,
+            eval_batches=16,
+            save_every=200,
+            log_every=10,
+            weight_decay=0.1,
         ),
         data=DataConfig(dir="data/tinyshakespeare", corpus="tinyshakespeare", vocab_size=4096),
     )
@@ -147,8 +165,18 @@ def _gpt2() -> PretrainConfig:
     return PretrainConfig(
         model=copy.deepcopy(MODEL_PRESETS["gpt2-124m"]),
         train=TrainConfig(
-            lr=6e-4, min_lr=6e-5, warmup_steps=700, max_steps=20000, batch_size=16, grad_accum_steps=32,
-            seq_len=1024, eval_every=500, eval_batches=50, save_every=1000, log_every=10, compile=True,
+            lr=6e-4,
+            min_lr=6e-5,
+            warmup_steps=700,
+            max_steps=20000,
+            batch_size=16,
+            grad_accum_steps=32,
+            seq_len=1024,
+            eval_every=500,
+            eval_batches=50,
+            save_every=1000,
+            log_every=10,
+            compile=True,
         ),
         data=DataConfig(dir="data/gutenberg-gpt2", corpus="gutenberg", vocab_size=50304),
     )

@@ -1,0 +1,170 @@
+"""Training throughput: llmlab's Trainer vs transformers' LlamaForCausalLM, same model, same optimizer, one run.
+
+Both train the ~14M-parameter ``small-14m`` shape (d=384, 6 layers, 6 heads, vocab 8192, SwiGLU, RoPE, tied
+embeddings) on batches of 8 x 256 random tokens under bf16 autocast with fused AdamW (same param groups) and
+gradient clipping. Steps are interleaved in rounds (llmlab, HF, llmlab, HF, ...) and each side's median step
+time is used, so load from other processes on a shared machine hits both sides alike; the ratio is the
+figure to trust, absolute tokens/s move with the machine's load.
+
+MFU = tokens/s x training FLOPs/token (``flops_per_token``: 6N + attention) / the bf16 matmul peak measured
+on this machine in the same run.
+
+    .venv/bin/python bench/train_throughput.py [--rounds 6] [--steps 2] [--threads 2] [--compile] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def hf_model(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(hf_cfg)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small-14m", help="llmlab model preset (default small-14m)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved measurement rounds")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the llmlab model (TrainConfig)")
+    parser.add_argument("--no-hf", action="store_true", help="llmlab only")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    import copy
+
+    import torch
+
+    from llmlab.model import MODEL_PRESETS, Transformer, flops_per_token
+    from llmlab.train import TrainConfig, Trainer, build_optimizer
+    from llmlab.train.perf import measure_peak_tflops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = copy.deepcopy(MODEL_PRESETS[args.preset])
+    cfg.max_seq_len = max(cfg.max_seq_len, args.seq)
+    tcfg = TrainConfig(
+        precision="bf16",
+        batch_size=args.batch,
+        seq_len=args.seq,
+        lr=1e-3,
+        warmup_steps=0,
+        max_steps=10**6,
+        progress=False,
+        tensorboard=False,
+        plot=False,
+        compile=args.compile,
+        peak_tflops=1.0,
+        device="cpu",
+    )
+    gen = torch.Generator().manual_seed(0)
+
+    def batch() -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen)
+        return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+    # llmlab: the real Trainer step (autocast, loss, backward, clip, fused AdamW, guard).
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    trainer = Trainer(ours, tcfg, None)
+
+    def step_llmlab() -> None:
+        trainer.train_step([batch()])
+
+    # transformers: the plain loop everyone writes, with the same optimizer settings and param groups.
+    sides = {"llmlab": step_llmlab}
+    if not args.no_hf:
+        torch.manual_seed(0)
+        theirs = hf_model(cfg).train()
+        opt = build_optimizer(theirs, tcfg)
+
+        def step_hf() -> None:
+            b = batch()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = theirs(input_ids=b["input_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sides["transformers"] = step_hf
+
+    for fn in sides.values():
+        for _ in range(args.warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(args.rounds):
+        for name, fn in sides.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+
+    peak = measure_peak_tflops("cpu", torch.bfloat16)
+    fpt = flops_per_token(cfg, args.seq, training=True)
+    tokens = args.batch * args.seq
+    result = {
+        "preset": args.preset,
+        "params_M": round(ours.num_params() / 1e6, 2),
+        "batch": [args.batch, args.seq],
+        "threads": torch.get_num_threads(),
+        "compile": args.compile,
+        "bf16_peak_tflops": round(peak, 3),
+        "sides": {},
+    }
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = tokens / med
+        result["sides"][name] = {
+            "median_step_s": round(med, 4),
+            "tokens_per_s": round(tps),
+            "mfu": round(tps * fpt / (peak * 1e12), 4),
+        }
+    print(
+        f"training throughput, {args.preset} ({result['params_M']}M params), batch {args.batch} x {args.seq}, "
+        f"bf16 autocast, fused AdamW, {result['threads']} threads; bf16 matmul peak measured {peak:.2f} TFLOP/s"
+    )
+    for name, r in result["sides"].items():
+        print(
+            f"  {name:<13} {r['tokens_per_s']:>8,} tok/s   step {1000 * r['median_step_s']:7.1f} ms   "
+            f"MFU {100 * r['mfu']:5.1f}%"
+        )
+    if "transformers" in result["sides"]:
+        ratio = result["sides"]["llmlab"]["tokens_per_s"] / result["sides"]["transformers"]["tokens_per_s"]
+        result["ratio_llmlab_vs_transformers"] = round(ratio, 3)
+        print(
+            f"  llmlab / transformers = {ratio:.2f}x  (medians of {args.rounds * args.steps} interleaved steps)"
+        )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(result, fh, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

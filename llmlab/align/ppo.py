@@ -1,0 +1,379 @@
+"""PPO for RLHF (Ziegler et al. 2019; InstructGPT): policy + value head, frozen reference, frozen reward.
+
+Each step:
+
+1. **Rollout**: sample one response per prompt from the live policy through the shared inference engine.
+2. **Score**: the reward model (a :class:`~llmlab.align.reward_model.RewardModel` checkpoint, tokenizer checked
+   against the policy's) scores each (prompt, response), or a programmatic reward (the verifier, or the
+   deliberately length-biased ``proxy`` used by the reward-hacking demo).
+3. **Shape**: per-token rewards ``−β·KL_t`` with the score on the last token
+   (:func:`~llmlab.align.losses.kl_penalty_rewards`), optionally whitened; β fixed or adapted toward
+   ``target_kl`` (Ziegler's proportional controller).
+4. **Advantages**: GAE over the value head's estimates, whitened.
+5. **Update**: ``ppo_epochs`` passes over shuffled minibatches, one ``Trainer.train_step`` each, on the clipped
+   policy loss plus ``vf_coef`` × the clipped value loss.
+
+The value head is a linear layer on the policy's final hidden state (a shared trunk, as in TRL's first PPO
+trainer): cheaper on a CPU than a second network. **Overoptimization guard**: when the mean per-sequence KL to
+the reference passes ``kl_stop``, the run restores the last policy whose KL was within bounds and stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmlab.align import losses as L
+from llmlab.align import rollout as R
+from llmlab.errors import ConfigError
+from llmlab.model.lora import LoRAConfig
+from llmlab.train.config import TrainConfig
+
+REWARDS = ("rm", "verifier", "proxy")
+
+
+@dataclass
+class PPOConfig:
+    model: str = ""  # the SFT policy checkpoint
+    reward: str = (
+        "rm"  # rm (reward_model checkpoint) | verifier (exact match + format) | proxy (length-biased)
+    )
+    reward_model: str | None = None
+    source: str = "tasks"  # prompts: tasks[:a,b] | svamp | multiarith | addsub | singleeq | gsm8k
+    n_train: int | None = 2000
+    n_eval: int = 90
+    prompts_per_step: int = 16
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    kl_coef: float = 0.05  # β
+    adaptive_kl: bool = False
+    target_kl: float = 2.0  # nats per response, for the adaptive controller
+    kl_horizon: int = 100
+    kl_stop: float | None = 20.0  # overoptimization guard (nats per response); None disables it
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    vf_clip: float = 0.2
+    vf_coef: float = 0.1
+    ppo_epochs: int = 4
+    minibatch: int = 8
+    micro_batch: int = 8
+    whiten_rewards: bool = False
+    proxy_length_bonus: float = 0.05  # per response token, for reward=proxy
+    eval_every: int = 0
+    use_lora: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            lr=1e-5,
+            min_lr=1e-6,
+            warmup_steps=0,
+            max_steps=50,
+            batch_size=8,
+            weight_decay=0.0,
+            eval_every=0,
+            log_every=1,
+            spike_factor=0.0,
+            precision="fp32",
+            grad_clip=1.0,
+            schedule="constant",
+        )
+    )
+
+    def validate(self) -> None:
+        if self.reward not in REWARDS:
+            raise ConfigError(f"config key 'reward' must be one of {list(REWARDS)}, got {self.reward!r}")
+        if self.reward == "rm" and not self.reward_model:
+            raise ConfigError("reward=rm needs config key 'reward_model' (a checkpoint from 'llmlab rm')")
+        if self.kl_coef < 0 or self.target_kl <= 0:
+            raise ConfigError("config keys 'kl_coef' >= 0 and 'target_kl' > 0 required")
+        for k in (
+            "prompts_per_step",
+            "max_new_tokens",
+            "ppo_epochs",
+            "minibatch",
+            "micro_batch",
+            "kl_horizon",
+        ):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"config key '{k}' must be positive, got {getattr(self, k)}")
+
+
+class AdaptiveKLController:
+    """Ziegler et al.'s controller: ``β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)``."""
+
+    def __init__(self, init: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n_steps: int = 1) -> float:
+        err = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + err * n_steps / self.horizon
+        return self.value
+
+
+class ActorCritic(nn.Module):
+    """The policy Transformer plus a scalar value head on its final hidden states."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(policy.cfg.d_model, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @property
+    def cfg(self):
+        return self.policy.cfg
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        hidden = self.policy(input_ids, attention_mask=attention_mask, return_hidden=True)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return self.policy.logits(hidden), values
+
+
+def ppo_loss_fn(clip_eps: float, vf_clip: float, vf_coef: float):
+    """Token-level PPO loss: clipped policy loss + ``vf_coef`` × clipped value loss, summed over response
+    tokens (weight = tokens)."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]):
+        from llmlab.train import LossOutput
+
+        logits, values = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = (batch["labels"] != -100).to(values.dtype)
+        lp = L.token_logps(logits, batch["labels"])
+        pg, pg_clipped = L.ppo_policy_loss(lp, batch["old_logps"], batch["advantages"], clip_eps)
+        vf, vf_clipped = L.ppo_value_loss(values, batch["old_values"], batch["returns"], vf_clip)
+        loss = (pg + vf_coef * vf) * mask
+        with torch.no_grad():
+            ent = L.entropy_from_logits(logits)
+            metrics = {
+                "pg_loss": float(L.masked_mean(pg, mask)),
+                "value_loss": float(L.masked_mean(vf, mask)),
+                "clip_frac": float(L.masked_mean(pg_clipped.float(), mask)),
+                "vf_clip_frac": float(L.masked_mean(vf_clipped.float(), mask)),
+                "entropy": float(L.masked_mean(ent, mask)),
+                "approx_kl": float(L.masked_mean(0.5 * (lp - batch["old_logps"]) ** 2, mask)),
+            }
+        return LossOutput(loss.sum(), float(mask.sum()), metrics)
+
+    return loss_fn
+
+
+class _State:
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+def make_scorer(cfg: PPOConfig, tokenizer: Any, device: torch.device):
+    """``score(problems, prompt_ids, outputs) -> Tensor [N]`` for the configured reward."""
+    if cfg.reward == "rm":
+        from llmlab.align.data import Encoded
+        from llmlab.align.reward_model import check_same_tokenizer, load_reward_model, score_encoded
+
+        rm, rm_tok = load_reward_model(cfg.reward_model, device)
+        check_same_tokenizer(tokenizer, rm_tok, f"reward model {cfg.reward_model}")
+        rm.requires_grad_(False)
+
+        def score(problems, prompts, outs) -> Tensor:
+            encs = [Encoded(list(p), list(o.token_ids) or [tokenizer.pad_id]) for p, o in zip(prompts, outs)]
+            return torch.tensor(score_encoded(rm, encs, tokenizer.pad_id))
+
+        return score
+    if cfg.reward == "verifier":
+
+        def score(problems, prompts, outs) -> Tensor:
+            return torch.tensor([R.verifier_reward(p, o.text)[0] for p, o in zip(problems, outs)])
+
+        return score
+
+    def proxy(problems, prompts, outs) -> Tensor:
+        # A reward with a known bias: "the answer appears somewhere" (not strict exact match) plus a bonus
+        # per generated token. Rambling that mentions many numbers games both terms.
+        vals = []
+        for p, o in zip(problems, outs):
+            vals.append(float(p.answer.strip() in o.text) + cfg.proxy_length_bonus * len(o.token_ids))
+        return torch.tensor(vals)
+
+    return proxy
+
+
+def run_ppo(
+    cfg: PPOConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, progress: bool = True
+) -> dict[str, Any]:
+    """The whole ``llmlab ppo`` run (see the module docstring); returns before/after and last-step metrics."""
+    from llmlab.align.offline import load_policy
+    from llmlab.train import Trainer
+
+    cfg.validate()
+    if model is None:
+        model, tokenizer = load_policy(cfg.model)
+    out = Path(out_dir) if out_dir is not None else None
+    device = next(model.parameters()).device
+    scorer = make_scorer(cfg, tokenizer, device)
+    train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
+    eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
+    if cfg.use_lora:
+        from llmlab.model.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    ref = None if cfg.use_lora else copy.deepcopy(model).eval().requires_grad_(False)
+    ac = ActorCritic(model).to(device)
+    n_updates = cfg.ppo_epochs * -(-cfg.prompts_per_step // cfg.minibatch)
+    tcfg = dataclasses.replace(
+        cfg.train, max_steps=cfg.train.max_steps * n_updates, eval_every=0, save_every=0
+    )
+    state = _State()
+    trainer = Trainer(
+        ac,
+        tcfg,
+        state,
+        loss_fn=ppo_loss_fn(cfg.clip_eps, cfg.vf_clip, cfg.vf_coef),
+        tokenizer=tokenizer,
+        out_dir=out,
+        extra_config={"ppo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
+    )
+    engine = R.make_engine(model, tokenizer, max_batch_size=cfg.prompts_per_step)
+    kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    before = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    trainer.logger.log(0, before, prefix="val")
+    trainable = [p for p in ac.parameters() if p.requires_grad]
+    good_state = [p.detach().clone() for p in trainable]
+    history: list[dict[str, float]] = []
+    stopped = None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, desc="ppo", unit="step", dynamic_ncols=True)
+    for step in range(cfg.train.max_steps):
+        t0 = time.perf_counter()
+        rng = random.Random(cfg.train.seed * 1_000_003 + step)
+        problems = rng.sample(train_problems, min(cfg.prompts_per_step, len(train_problems)))
+        prompts = [R.prompt_token_ids(tokenizer, p) for p in problems]
+        outs = R.generate(
+            engine, prompts, cfg.max_new_tokens, cfg.temperature, 1.0, seed=cfg.train.seed * 7919 + step
+        )
+        scores = scorer(problems, prompts, outs).float()
+        batch = R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id)
+        mask = batch["labels"] != -100
+        with torch.no_grad():
+            ac.eval()
+            olds, vals = [], []
+            for mb in R.split_batch({k: v for k, v in batch.items()}, cfg.micro_batch):
+                logits, v = ac(mb["input_ids"], attention_mask=mb["attention_mask"])
+                w = batch["input_ids"].shape[1]
+                olds.append(_pad_to(L.token_logps(logits, mb["labels"]), w))
+                vals.append(_pad_to(v, w))
+            ac.train()
+            old_lp, values = torch.cat(olds), torch.cat(vals) * mask
+            if cfg.use_lora:
+                from llmlab.model.lora import disable_adapter
+
+                with disable_adapter(model):
+                    ref_lp = R.batch_token_logps(model, batch, cfg.micro_batch)
+            else:
+                ref_lp = R.batch_token_logps(ref, batch, cfg.micro_batch)
+            beta = kl_ctl.value
+            rewards, kl = L.kl_penalty_rewards(scores, old_lp, ref_lp, mask, beta)
+            if cfg.whiten_rewards:
+                rewards = L.whiten(rewards, mask, shift_mean=False)
+            adv, returns = L.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            adv = L.whiten(adv, mask)
+        seq_kl = float(kl.sum(-1).mean())
+        if cfg.kl_stop is not None and seq_kl > cfg.kl_stop:
+            # Overoptimization guard: this policy drifted too far; restore the last one within bounds and stop.
+            with torch.no_grad():
+                for p, g in zip(trainable, good_state):
+                    p.copy_(g)
+            stopped = {"step": step, "kl": seq_kl}
+            trainer.logger.event(step, "kl_stop", kl=seq_kl, threshold=cfg.kl_stop)
+            break
+        good_state = [p.detach().clone() for p in trainable]
+        batch.update(old_logps=old_lp, old_values=values, advantages=adv, returns=returns)
+        gen_s = time.perf_counter() - t0
+        mstats: dict[str, list[float]] = {}
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(len(outs), generator=torch.Generator().manual_seed(step * 31 + _))
+            for s in range(0, len(outs), cfg.minibatch):
+                idx = order[s : s + cfg.minibatch]
+                mb = {k: v[idx] for k, v in batch.items()}
+                m = trainer.train_step(R.split_batch(mb, cfg.micro_batch))
+                for k in ("pg_loss", "value_loss", "clip_frac", "vf_clip_frac", "entropy", "approx_kl"):
+                    mstats.setdefault(k, []).append(m.get(k, float("nan")))
+        if cfg.adaptive_kl:
+            kl_ctl.update(seq_kl, 1)
+        state.step = step + 1
+        metrics = {
+            "score": float(scores.mean()),
+            "kl": seq_kl,
+            "kl_coef": beta,
+            "response_len": sum(len(o.token_ids) for o in outs) / len(outs),
+            "rollout_s": gen_s,
+            "step_s": time.perf_counter() - t0,
+            **{k: sum(v) / len(v) for k, v in mstats.items()},
+        }
+        if cfg.reward != "verifier":
+            metrics["verifier_accuracy"] = sum(
+                R.score_completion(p, o.text)[0] for p, o in zip(problems, outs)
+            ) / len(outs)
+        history.append(metrics)
+        trainer.logger.log(step + 1, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                score=f"{metrics['score']:.2f}", kl=f"{seq_kl:.2f}", len=f"{metrics['response_len']:.0f}"
+            )
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            trainer.logger.log(
+                step + 1,
+                R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens),
+                prefix="val",
+            )
+    if bar is not None:
+        bar.close()
+    after = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    trainer.logger.log(state.step, after, prefix="val")
+    trainer.logger.close()
+    result: dict[str, Any] = {
+        **{f"before_{k}": v for k, v in before.items()},
+        **{f"after_{k}": v for k, v in after.items()},
+    }
+    if history:
+        result.update({f"first_{k}": v for k, v in history[0].items()})
+        result.update({f"last_{k}": v for k, v in history[-1].items()})
+        result["mean_kl"] = sum(h["kl"] for h in history) / len(history)
+    result["steps"] = state.step
+    result["kl_stopped"] = stopped
+    if out is not None:
+        from llmlab.model.checkpoint import save_checkpoint
+
+        if cfg.use_lora:
+            from llmlab.model.lora import save_adapter
+
+            save_adapter(model, out / "adapter", base_model=cfg.model or None)
+        else:
+            save_checkpoint(out / "final", model, tokenizer, extra_config={"ppo": {"steps": state.step}})
+        (out / "ppo_report.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    return result
+
+
+def _pad_to(x: Tensor, width: int) -> Tensor:
+    """Right-pad a ``[n, w]`` micro-batch tensor (trimmed by ``split_batch``) back to ``width`` columns."""
+    if x.shape[1] == width:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], width - x.shape[1])], dim=1)

@@ -1,0 +1,217 @@
+"""What PPO and GRPO share: verifiable problems and their rewards, rollouts through the inference engine,
+and turning (prompt, completion) token lists into training batches.
+
+Problems come from the task suite (``tasks``, ``tasks:addition,sort``) or the shipped math word problems
+(``svamp``, ``multiarith``, ``addsub``, ``singleeq``; GSM8K train as ``gsm8k``). Each has a train and a
+held-out split fixed by a hash of the question text, so evaluation never sees a training prompt.
+
+The verifier's reward is exact match on the parsed final answer plus a small format reward: the task suite's
+own scorer for its tasks; for math, the number after "The answer is", compared numerically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from llmlab.align.data import ASSETS, Encoded, pad_sequences
+from llmlab.align.losses import token_logps
+from llmlab.errors import ConfigError, DataError
+
+MATH_FILES = {
+    name: ASSETS / f"{name}_test.jsonl.gz" for name in ("svamp", "multiarith", "addsub", "singleeq")
+}
+GSM8K_TRAIN = ASSETS.parent / "sft" / "gsm8k_train.jsonl.gz"
+MATH_SUFFIX = "\nSolve it step by step, then end with: The answer is N."
+_ANSWER = re.compile(r"[Tt]he answer is\s*\$?\s*(-?[\d,]*\.?\d+)")
+_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+HELDOUT_PERCENT = 20
+
+
+@dataclass
+class Problem:
+    prompt: list[dict[str, str]]
+    answer: str
+    task: str
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _heldout(text: str) -> bool:
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h % 100 < HELDOUT_PERCENT
+
+
+def _read_jsonl_gz(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: missing (shipped data not installed?)")
+    return [
+        json.loads(line) for line in gzip.decompress(path.read_bytes()).decode("utf-8").splitlines() if line
+    ]
+
+
+def load_problems(source: str, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+    """Problems of one source and split (``train`` or ``test``), ``n`` at most (sampled deterministically)."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    name, _, sub = source.partition(":")
+    if name == "tasks":
+        from llmlab.data import tasks as suite
+
+        names = [t for t in sub.split(",") if t] or None
+        if split == "train":
+            recs = suite.make_sft_examples(n or 2000, seed=seed, tasks=names)
+        else:
+            per = max(1, (n or 200) // len(names or suite.TASKS))
+            recs = suite.make_test_set(per, seed=1234 + seed, tasks=names)
+        return [Problem([{"role": "user", "content": r["prompt"]}], r["answer"], r["task"], r) for r in recs]
+    if name in MATH_FILES or name == "gsm8k":
+        rows = _read_jsonl_gz(MATH_FILES.get(name, GSM8K_TRAIN))
+        out = []
+        for r in rows:
+            q = r["question"].strip()
+            ans = r["answer"].split("####")[-1].strip() if name == "gsm8k" else r["answer"]
+            if _heldout(q) == (split == "test"):
+                out.append(Problem([{"role": "user", "content": q + MATH_SUFFIX}], ans, name, r))
+        if n is not None and n < len(out):
+            out = random.Random(seed).sample(out, n)
+        return out
+    raise ConfigError(f"unknown problem source {source!r} (tasks[:a,b], {', '.join(MATH_FILES)}, gsm8k)")
+
+
+def _num(text: str) -> float | None:
+    try:
+        return float(text.replace(",", "").rstrip("."))
+    except ValueError:
+        return None
+
+
+def score_completion(problem: Problem, completion: str) -> tuple[bool, bool]:
+    """``(correct, format_ok)`` of a completion, by the problem's verifier."""
+    if problem.record.get("task") and problem.task == problem.record["task"]:
+        from llmlab.data import tasks as suite
+
+        s = suite.score(problem.task, problem.record, completion)
+        return bool(s["correct"]), bool(s["format_ok"])
+    m = _ANSWER.search(completion)
+    if m is not None:
+        got = _num(m.group(1))
+    else:
+        nums = _NUMBER.findall(completion)
+        got = _num(nums[-1]) if nums else None
+    want = _num(problem.answer)
+    correct = got is not None and want is not None and abs(got - want) < 1e-4
+    return correct, m is not None
+
+
+def verifier_reward(
+    problem: Problem, completion: str, format_weight: float = 0.1
+) -> tuple[float, bool, bool]:
+    """Exact match (1/0) plus ``format_weight`` for the asked answer format."""
+    correct, fmt = score_completion(problem, completion)
+    return float(correct) + format_weight * float(fmt), correct, fmt
+
+
+# ----------------------------------------------------------------------------------------- rollouts
+def prompt_token_ids(tokenizer: Any, problem: Problem) -> list[int]:
+    from llmlab.sft.chat import prompt_ids
+
+    return prompt_ids(tokenizer, problem.prompt)
+
+
+def make_engine(model: nn.Module, tokenizer: Any, max_batch_size: int = 64):
+    """The shared generation engine over the live policy weights (it sees every optimizer update)."""
+    from llmlab.infer.engine import LLM
+
+    return LLM.from_model(model, tokenizer, max_batch_size=max_batch_size)
+
+
+@torch.no_grad()
+def generate(
+    engine: Any, prompts: Sequence[list[int]], max_tokens: int, temperature: float, top_p: float, seed: int
+) -> list[Any]:
+    """Sample one completion per prompt (token-id prompts; per-request seeds make a run reproducible)."""
+    from llmlab.infer.sampling import SamplingParams
+
+    params = [
+        SamplingParams(
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed * 100_003 + i,
+            logprobs=True,
+        )
+        for i in range(len(prompts))
+    ]
+    was = engine.model.training
+    outs = engine.generate([list(p) for p in prompts], params)
+    engine.model.train(was)
+    return outs
+
+
+def rl_batch(
+    prompts: Sequence[list[int]], completions: Sequence[list[int]], pad_id: int
+) -> dict[str, Tensor]:
+    """Right-padded next-token batch whose labels are the completion tokens (see :func:`pad_sequences`)."""
+    seqs = []
+    for p, c in zip(prompts, completions, strict=True):
+        if not c:
+            c = [pad_id]  # an empty completion still needs one target; its advantage/reward handles it
+        seqs.append(Encoded(list(p), list(c)))
+    return pad_sequences(seqs, pad_id)
+
+
+@torch.no_grad()
+def batch_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk: int = 16) -> Tensor:
+    """Per-token log-probs ``[N, T]`` of the labels (0 off the completion), in no-grad chunks."""
+    out = []
+    for s in range(0, batch["input_ids"].shape[0], chunk):
+        logits = model(
+            batch["input_ids"][s : s + chunk], attention_mask=batch["attention_mask"][s : s + chunk]
+        )
+        out.append(token_logps(logits, batch["labels"][s : s + chunk]))
+    return torch.cat(out)
+
+
+def split_batch(batch: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    """Micro-batches of ``size`` rows (every tensor sliced along dim 0), trimmed to their longest row."""
+    n = batch["input_ids"].shape[0]
+    out = []
+    for s in range(0, n, size):
+        mb = {k: v[s : s + size] for k, v in batch.items()}
+        width = int(mb["attention_mask"].sum(1).max())
+        mb = {
+            k: (v[:, :width] if v.dim() == 2 and v.shape[1] == batch["input_ids"].shape[1] else v)
+            for k, v in mb.items()
+        }
+        out.append(mb)
+    return out
+
+
+@torch.no_grad()
+def evaluate_problems(
+    engine: Any, tokenizer: Any, problems: Sequence[Problem], max_tokens: int
+) -> dict[str, float]:
+    """Greedy exact match and format rate on held-out problems (overall and per task)."""
+    prompts = [prompt_token_ids(tokenizer, p) for p in problems]
+    outs = generate(engine, prompts, max_tokens, 0.0, 1.0, seed=0)
+    per: dict[str, list[tuple[bool, bool]]] = {}
+    for p, o in zip(problems, outs):
+        per.setdefault(p.task, []).append(score_completion(p, o.text))
+    scores = [s for v in per.values() for s in v]
+    res = {
+        "exact_match": sum(c for c, _ in scores) / max(len(scores), 1),
+        "format_ok": sum(f for _, f in scores) / max(len(scores), 1),
+    }
+    for task, v in per.items():
+        res[f"exact_match/{task}"] = sum(c for c, _ in v) / len(v)
+    return res

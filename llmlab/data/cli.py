@@ -1,0 +1,144 @@
+"""``llmlab data``: list the bundled corpora, clean a corpus, prepare token shards."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="corpora, cleaning and token shards", description=__doc__)
+    sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("corpora", help="list the bundled corpora")
+    p.set_defaults(func=_corpora)
+
+    epilog = (
+        "cleaning overrides are key=value pairs of CleanConfig, e.g. min_words=20 near_threshold=0.9 "
+        "dedup_near=false (see llmlab/data/clean.py)"
+    )
+    p = sub.add_parser(
+        "prepare",
+        help="clean, split and tokenize a corpus into train.bin/val.bin",
+        description="Clean a corpus, split it by document, tokenize it into uint16/uint32 token shards.",
+        epilog=epilog,
+    )
+    _corpus_args(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (or tokenizer.json)")
+    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    p.add_argument(
+        "--split-by",
+        choices=["document", "source"],
+        default="document",
+        help="hold out random documents, or whole sources (books/files)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser(
+        "clean",
+        help="run the cleaning pipeline and write the kept documents as JSONL",
+        description="Clean a corpus (boilerplate, markup, PII, quality rules, dedup) and print the report.",
+        epilog=epilog,
+    )
+    _corpus_args(p)
+    p.add_argument("--out", help="write kept documents to this .jsonl file ({'text': ...} per line)")
+    p.add_argument("--report", help="write the cleaning report to this JSON file")
+    p.set_defaults(func=_clean)
+
+
+def _corpus_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True, help="bundled corpus name, or a .txt/.jsonl file or directory")
+    p.add_argument(
+        "--chunk-chars",
+        type=int,
+        default=None,
+        help="target document size in characters where documents are paragraph blocks (default 4000)",
+    )
+    p.add_argument("--no-clean", action="store_true", help="skip the cleaning stage")
+    p.add_argument("--clean-preset", default="default", help="cleaning preset: default, light or none")
+    p.add_argument("--clean-config", help="YAML file of cleaning settings")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="cleaning setting overrides")
+
+
+def _clean_config(args: argparse.Namespace):
+    from llmlab.config import build_config
+    from llmlab.data.clean import CLEAN_PRESETS, CleanConfig
+
+    if args.no_clean:
+        return None
+    return build_config(CleanConfig, CLEAN_PRESETS, args.clean_preset, args.clean_config, args.overrides)
+
+
+def _chunk_chars(args: argparse.Namespace) -> int:
+    from llmlab.data.corpora import DEFAULT_CHUNK_CHARS
+
+    return DEFAULT_CHUNK_CHARS if args.chunk_chars is None else args.chunk_chars
+
+
+def _corpora(args: argparse.Namespace) -> int:
+    from llmlab.data.corpora import CORPORA, corpus_path
+
+    width = max(len(n) for n in CORPORA)
+    for name, info in CORPORA.items():
+        size = corpus_path(name).stat().st_size
+        print(f"{name.ljust(width)}  {size / 1e6:5.2f} MB  {info.licence:<16}  {info.description}")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from llmlab.data.prepare import prepare_dataset
+
+    cfg = _clean_config(args)
+    meta = prepare_dataset(
+        args.corpus,
+        args.tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        clean=cfg if cfg is not None else False,
+        split_by=args.split_by,
+        chunk_chars=_chunk_chars(args),
+        progress=not args.no_progress,
+    )
+    report = meta.pop("cleaning_report", None)
+    if report is not None:
+        print(report.table())
+    for split, info in meta["splits"].items():
+        print(
+            f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {info['bytes']:,} bytes "
+            f"({info['bytes'] / max(1, info['tokens']):.2f} bytes/token)"
+        )
+    comp = meta["compression"]["val"]
+    print(f"val text baselines: gzip -9 {comp['gzip-9']:.3f} bits/byte, xz -9e {comp['xz-9']:.3f} bits/byte")
+    print(f"wrote {Path(args.out)} ({meta['dtype']})")
+    return 0
+
+
+def _clean(args: argparse.Namespace) -> int:
+    from llmlab.data.clean import CLEAN_PRESETS, clean_documents
+    from llmlab.data.corpora import load_corpus
+
+    cfg = _clean_config(args) or CLEAN_PRESETS["none"]
+    texts = load_corpus(args.corpus, _chunk_chars(args))
+    result = clean_documents(texts, cfg, progress=sys.stderr.isatty())
+    print(result.report.table())
+    if args.report:
+        result.report.save(args.report)
+    if args.out:
+        from llmlab.model.checkpoint import atomic_write_file
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for text in result.texts:
+                    f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+        atomic_write_file(args.out, write)
+        print(f"wrote {len(result.texts):,} documents to {args.out}")
+    return 0

@@ -1,0 +1,238 @@
+"""``llmlab generate`` (prompts file -> JSONL) and ``llmlab chat`` (streamed terminal chat).
+
+Import-light: torch and the engine load inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="llmlab checkpoint dir, Hugging Face model dir, or .gguf file")
+    p.add_argument("--adapter", default=None, help="LoRA adapter dir to apply on top of the model")
+    p.add_argument(
+        "--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default: as saved)"
+    )
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
+    p.add_argument(
+        "--kv-cache-mb", type=float, default=256.0, help="paged KV cache pool size (default 256 MiB)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--rope-scaling",
+        default=None,
+        metavar="TYPE:FACTOR",
+        help="run past the trained context, e.g. yarn:4",
+    )
+    p.add_argument("--sliding-window", type=int, default=None, help="attend only to the last N tokens")
+    p.add_argument(
+        "--attention-sinks", default=None, metavar="S,W", help="StreamingLLM: keep S first + W recent tokens"
+    )
+    p.add_argument(
+        "--speculative", default=None, choices=["ngram", "draft"], help="speculative decoding proposer"
+    )
+    p.add_argument("--draft-model", default=None, help="draft model path for --speculative draft")
+    p.add_argument(
+        "--num-speculative-tokens", type=int, default=4, help="tokens drafted per step (default 4)"
+    )
+    p.add_argument(
+        "--no-fast", action="store_true", help="use the model's plain forward instead of the fused path"
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 weights on the fused path (faster batch-1 decode, not bit-exact)",
+    )
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--preset", default=None, help="sampling preset: greedy, sample, creative")
+    g.add_argument("--config", default=None, help="YAML file of SamplingParams keys")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--presence-penalty", type=float, default=None)
+    g.add_argument("--frequency-penalty", type=float, default=None)
+    g.add_argument("--logprobs", action="store_true", help="return each chosen token's log-probability")
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="SamplingParams override, e.g. --set top_k=40",
+    )
+
+
+_FLAG_KEYS = (
+    "temperature", "top_p", "top_k", "min_p", "max_tokens", "seed", "stop",
+    "repetition_penalty", "presence_penalty", "frequency_penalty",
+)  # fmt: skip
+
+
+def build_sampling(args: argparse.Namespace, default_preset: str = "greedy") -> Any:
+    """Preset, then --config YAML, then key=value overrides, then explicit flags."""
+    from llmlab.config import build_config
+    from llmlab.infer.sampling import SAMPLING_PRESETS, SamplingParams
+
+    params = build_config(
+        SamplingParams, SAMPLING_PRESETS, args.preset or default_preset, args.config, args.set
+    )
+    for key in _FLAG_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            setattr(params, key, value)
+    if args.logprobs:
+        params.logprobs = True
+    params.validate()
+    return params
+
+
+def build_llm(args: argparse.Namespace) -> Any:
+    from llmlab.errors import LLMLabError
+    from llmlab.infer import LLM
+
+    opts: dict[str, Any] = {
+        "max_batch_size": args.max_batch_size,
+        "kv_cache_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "sliding_window": args.sliding_window,
+        "fast": False if args.no_fast else ("int8" if args.int8 else True),
+        "dtype": args.dtype,
+        "adapter": args.adapter,
+    }
+    if args.rope_scaling:
+        kind, _, factor = args.rope_scaling.partition(":")
+        try:
+            opts["rope_scaling"] = {"type": kind, "factor": float(factor or 1.0)}
+        except ValueError as exc:
+            raise LLMLabError(
+                f"--rope-scaling must look like TYPE:FACTOR (e.g. yarn:4), got {args.rope_scaling!r}"
+            ) from exc
+    if args.attention_sinks:
+        try:
+            s, w = (int(x) for x in args.attention_sinks.split(","))
+        except ValueError as exc:
+            raise LLMLabError(
+                f"--attention-sinks must look like S,W (e.g. 4,256), got {args.attention_sinks!r}"
+            ) from exc
+        opts["attention_sinks"] = (s, w)
+    if args.speculative:
+        opts["speculative"] = {
+            "method": args.speculative,
+            "draft_model": args.draft_model,
+            "num_tokens": args.num_speculative_tokens,
+        }
+    return LLM(args.model, **opts)
+
+
+def read_prompts(path: str | Path) -> list[Any]:
+    """``.txt``: one prompt per line (blank lines skipped); ``.jsonl``: ``{"prompt": ...}`` or ``{"messages": ...}``."""
+    from llmlab.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: prompts file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    prompts: list[Any] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix != ".jsonl":
+            prompts.append(line)
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            prompts.append(rec["prompt"])
+        elif isinstance(rec, dict) and isinstance(rec.get("messages"), list):
+            msgs = rec["messages"]
+            if not all(
+                isinstance(m, dict) and "role" in m and isinstance(m.get("content"), str) for m in msgs
+            ):
+                raise DataError(f"{path}:{n}: every message needs 'role' and string 'content'")
+            prompts.append(msgs)
+        else:
+            raise DataError(f"{path}:{n}: record needs a string 'prompt' or a list 'messages'")
+    if not prompts:
+        raise DataError(f"{path}: no prompts")
+    return prompts
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    g = subparsers.add_parser(
+        "generate",
+        help="generate completions for a file of prompts (JSONL out)",
+        description="Generate for every prompt with continuous batching; writes one JSON object per prompt.",
+    )
+    _add_model_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ('prompt' or 'messages')")
+    src.add_argument("--prompt", action="append", help="a prompt on the command line (repeatable)")
+    g.add_argument("--out", default=None, help="output .jsonl (default: stdout)")
+    _add_sampling_args(g)
+    g.set_defaults(func=_generate)
+
+    c = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal (streamed)",
+        description="Multi-turn terminal chat. Commands: /reset, /system TEXT, /exit.",
+    )
+    _add_model_args(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    _add_sampling_args(c)
+    c.set_defaults(func=_chat)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import time
+
+    prompts = read_prompts(args.prompts) if args.prompts else list(args.prompt)
+    params = build_sampling(args)
+    llm = build_llm(args)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    elapsed = time.perf_counter() - t0
+    ntok = sum(len(o.token_ids) for o in outs)
+    rows = []
+    for prompt, o in zip(prompts, outs, strict=True):
+        row: dict[str, Any] = {"prompt": prompt, "text": o.text, "token_ids": o.token_ids}
+        row["finish_reason"] = o.finish_reason
+        if o.logprobs is not None:
+            row["logprobs"] = o.logprobs
+        rows.append(json.dumps(row, ensure_ascii=False))
+    text = "\n".join(rows) + "\n"
+    if args.out:
+        from llmlab.model.checkpoint import atomic_write_file
+
+        atomic_write_file(args.out, lambda p: p.write_text(text, encoding="utf-8"))
+    else:
+        sys.stdout.write(text)
+    print(
+        f"{len(outs)} prompts, {ntok} tokens in {elapsed:.1f}s ({ntok / max(elapsed, 1e-9):.1f} tok/s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from llmlab.infer.chat import run_chat
+
+    params = build_sampling(args, default_preset="sample")
+    llm = build_llm(args)
+    return run_chat(llm, params, args.system)

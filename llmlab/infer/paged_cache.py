@@ -1,0 +1,257 @@
+"""Paged KV cache: fixed-size blocks shared by many sequences (vLLM's PagedAttention layout, in PyTorch).
+
+Memory is one pool of ``num_blocks * block_size`` token slots per layer, stored as ``[slots, kv_heads,
+head_dim]`` for keys and values (only the KV heads: GQA/MQA pay ``2 * layers * kv_heads * head_dim * bytes``
+per token). Each sequence owns a *block table* (a list of block ids); token ``i`` of a sequence lives in slot
+``table[i // block_size] * block_size + i % block_size``. Blocks come from a free list and go back to it when
+a sequence finishes, is cancelled or is preempted, so many requests of different lengths share the pool
+without fragmentation.
+
+The cache implements the model's cache protocol (``prepare / update / advance``) over the *batch* chosen by
+:meth:`PagedKVCache.set_batch`: row ``b`` of the model's input is sequence ``batch[b]``. ``update`` writes
+the new keys/values into their slots (one ``index_copy_``) and gathers each row's keys/values (one
+``index_select``) padded to the longest row; the mask hides the padding.
+
+**Attention sinks (StreamingLLM, Xiao et al. 2023).** With ``sinks=(S, W)`` a sequence keeps its first
+``S`` tokens (rounded up to whole blocks) plus the most recent ``W`` or more; older blocks are freed, so
+memory stays bounded however long generation runs. Positions are *positions in the cache* (as in the
+paper), so a query never sees a relative distance the model was not trained on. When a block is evicted
+the keys after it move ``block_size`` positions down: they are re-rotated by ``-block_size`` with RoPE
+(a rotation composes with a rotation), which is exact for every static RoPE scaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from llmlab.errors import LLMLabError
+from llmlab.model.config import ModelConfig
+from llmlab.model.rope import rotate_half
+from llmlab.model.transformer import AttnMeta, build_mask
+
+
+class CacheFullError(LLMLabError):
+    """No free block left in the KV cache pool."""
+
+
+class BlockAllocator:
+    """A free list of block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"KV cache is full ({self.num_blocks} blocks in use)")
+        return self._free.pop()
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+@dataclass
+class _Seq:
+    blocks: list[int] = field(default_factory=list)
+    length: int = 0  # tokens held in the cache (after evictions)
+    evicted: int = 0  # tokens dropped by the attention-sink window
+
+
+class PagedKVCache:
+    """Block-paged KV cache for many sequences; see the module docstring."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        sinks: tuple[int, int] | None = None,
+        rope_inv_freq: Tensor | None = None,
+    ):
+        if num_blocks <= 0 or block_size <= 0:
+            raise LLMLabError(
+                f"paged KV cache needs positive num_blocks/block_size, got {num_blocks}/{block_size}"
+            )
+        self.cfg = cfg
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (cfg.n_layers, num_blocks * block_size, cfg.kv_heads, cfg.dim_head)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.seqs: dict[int, _Seq] = {}
+        self.batch: list[int] = []
+        self.sinks = sinks
+        if sinks is not None:
+            if cfg.position != "rope" or rope_inv_freq is None:
+                raise LLMLabError(
+                    "attention sinks need a RoPE model (keys are re-rotated when the window rolls)"
+                )
+            n_sink, window = sinks
+            if n_sink < 0 or window <= 0:
+                raise LLMLabError(f"attention sinks need sinks >= 0 and window > 0, got {sinks}")
+            self.sink_blocks = -(-n_sink // block_size)
+            # Evict once a whole block beyond the window has accumulated.
+            self.max_cached = self.sink_blocks * block_size + window + block_size
+            self.inv_freq = rope_inv_freq.float().to(device)
+        self._pending: tuple[Tensor, Tensor, list[int], int] | None = None
+
+    # ------------------------------------------------------------------------------- accounting
+    @staticmethod
+    def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """``2 * layers * kv_heads * head_dim * bytes``: what one cached token costs."""
+        return 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_head * torch.empty((), dtype=dtype).element_size()
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    def blocks_needed(self, seq_id: int | None, num_new: int) -> int:
+        """How many more blocks ``seq_id`` (None: a new sequence) needs to hold ``num_new`` more tokens."""
+        seq = self.seqs.get(seq_id) if seq_id is not None else None
+        length, have = (seq.length, len(seq.blocks)) if seq else (0, 0)
+        if self.sinks is not None:
+            length = min(length + num_new, self.max_cached)
+            return max(0, -(-length // self.block_size) - have)
+        return max(0, -(-(length + num_new) // self.block_size) - have)
+
+    # -------------------------------------------------------------------------------- sequences
+    def add_sequence(self, seq_id: int) -> None:
+        if seq_id in self.seqs:
+            raise ValueError(f"sequence {seq_id} already in the cache")
+        self.seqs[seq_id] = _Seq()
+
+    def free_sequence(self, seq_id: int) -> None:
+        """Return a finished/cancelled sequence's blocks to the pool (no-op if unknown)."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is not None:
+            self.allocator.free(seq.blocks)
+
+    def length(self, seq_id: int) -> int:
+        return self.seqs[seq_id].length
+
+    def position(self, seq_id: int) -> int:
+        """Absolute number of tokens the sequence has seen (cached + evicted)."""
+        seq = self.seqs[seq_id]
+        return seq.length + seq.evicted
+
+    def truncate(self, seq_id: int, length: int) -> None:
+        """Forget tokens past ``length`` (speculative decoding's rollback) and free their blocks."""
+        seq = self.seqs[seq_id]
+        if length > seq.length:
+            raise ValueError("cannot truncate a sequence to a longer length")
+        seq.length = length
+        keep = -(-length // self.block_size)
+        self.allocator.free(seq.blocks[keep:])
+        del seq.blocks[keep:]
+
+    def set_batch(self, seq_ids: list[int]) -> None:
+        """Choose which sequences the next forward pass processes, one per input row."""
+        for s in seq_ids:
+            if s not in self.seqs:
+                raise KeyError(f"sequence {s} not in the cache")
+        self.batch = list(seq_ids)
+
+    # ------------------------------------------------------------------------- sinks / eviction
+    def _evict(self, seq: _Seq, num_new: int) -> None:
+        """Drop the oldest non-sink blocks until ``num_new`` more tokens fit in the sink budget."""
+        bs = self.block_size
+        while seq.length + num_new > self.max_cached and len(seq.blocks) > self.sink_blocks + 1:
+            victim = seq.blocks.pop(self.sink_blocks)
+            self.allocator.free([victim])
+            seq.length -= bs
+            seq.evicted += bs
+            # Keys after the victim move bs positions down: rotate them by -bs.
+            start = self.sink_blocks * bs
+            if seq.length > start:
+                slots = self._slots(seq, start, seq.length)
+                angle = -float(bs) * self.inv_freq
+                emb = torch.cat((angle, angle))
+                cos, sin = emb.cos().to(self.k.dtype), emb.sin().to(self.k.dtype)
+                k = self.k[:, slots]  # [L, n, kv, hd]
+                self.k[:, slots] = k * cos + rotate_half(k) * sin
+
+    def _slots(self, seq: _Seq, start: int, end: int) -> Tensor:
+        idx = torch.arange(start, end)
+        blocks = torch.tensor(seq.blocks, dtype=torch.long)
+        return blocks[idx // self.block_size] * self.block_size + idx % self.block_size
+
+    # ---------------------------------------------------------------------------- cache protocol
+    def prepare(self, num_new: int, cfg: ModelConfig) -> AttnMeta:
+        if not self.batch:
+            raise RuntimeError("set_batch() must be called before a forward pass")
+        bs = self.block_size
+        starts: list[int] = []
+        for sid in self.batch:
+            seq = self.seqs[sid]
+            if self.sinks is not None:
+                if (
+                    seq.length + num_new > self.max_cached
+                    and num_new > self.max_cached - self.sink_blocks * bs - bs
+                ):
+                    raise LLMLabError(
+                        f"{num_new} new tokens do not fit the attention-sink window; prefill in smaller chunks"
+                    )
+                self._evict(seq, num_new)
+            need = -(-(seq.length + num_new) // bs) - len(seq.blocks)
+            if need > self.allocator.num_free:
+                raise CacheFullError(f"KV cache is full: sequence {sid} needs {need} more blocks")
+            for _ in range(need):
+                seq.blocks.append(self.allocator.allocate())
+            starts.append(seq.length)
+        ends = [s + num_new for s in starts]
+        max_end = max(ends)
+        B = len(self.batch)
+        # Slot of every (row, position): new tokens to write, and all keys to gather (padding -> slot 0).
+        table = torch.zeros(B, -(-max_end // bs), dtype=torch.long)
+        for b, sid in enumerate(self.batch):
+            blocks = self.seqs[sid].blocks
+            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        pos = torch.arange(max_end)
+        gather = table[:, pos // bs] * bs + pos % bs  # [B, S]
+        start_t = torch.tensor(starts)
+        q_pos = start_t[:, None] + torch.arange(num_new)[None, :]  # [B, T]
+        write = gather.gather(1, q_pos)
+        device = self.k.device
+        self._pending = (write.to(device).reshape(-1), gather.to(device).reshape(-1), starts, num_new)
+        window = cfg.sliding_window if self.sinks is None else None
+        uniform = all(s == starts[0] for s in starts)
+        q_pos = q_pos.to(device)
+        if uniform and num_new == 1 and (window is None or max_end <= window):
+            return AttnMeta(q_pos=q_pos, mask=None, is_causal=False)
+        if uniform and starts[0] == 0 and (window is None or max_end <= window):
+            return AttnMeta(q_pos=q_pos, mask=None, is_causal=True)
+        k_pos = torch.arange(max_end, device=device)[None, :].expand(B, max_end)
+        k_valid = k_pos < torch.tensor(ends, device=device)[:, None]
+        return AttnMeta(q_pos=q_pos, mask=build_mask(q_pos, k_pos, k_valid, window), is_causal=False)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        assert self._pending is not None, "prepare() must be called before update()"
+        write, gather, starts, n = self._pending
+        B, H, T, D = k.shape
+        ck, cv = self.k[layer], self.v[layer]
+        ck.index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D).to(ck.dtype))
+        cv.index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D).to(cv.dtype))
+        S = gather.numel() // B
+        k_all = ck.index_select(0, gather).view(B, S, H, D).transpose(1, 2)
+        v_all = cv.index_select(0, gather).view(B, S, H, D).transpose(1, 2)
+        return k_all, v_all
+
+    def advance(self, num_new: int) -> None:
+        assert self._pending is not None
+        _, _, starts, n = self._pending
+        for sid, s in zip(self.batch, starts, strict=True):
+            self.seqs[sid].length = s + n
+        self._pending = None

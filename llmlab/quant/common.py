@@ -1,0 +1,141 @@
+"""Pieces shared by every weight-only scheme: the quantized-linear base class and affine (integer) rounding.
+
+A quantized linear keeps its weight as integer codes plus scales in *buffers* (so ``state_dict`` and
+safetensors carry them) and never as a trainable ``nn.Parameter``. Subclasses say how to rebuild the float
+weight (:meth:`QuantLinear.dequantize`) and may override ``forward`` with a fused low-bit kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmlab.errors import ConfigError
+
+
+class QuantLinear(nn.Module):
+    """Base of the frozen quantized linears: ``y = x @ dequantize(W).T + b``."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, bias_dtype: torch.dtype = torch.float32
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype))
+        else:
+            self.bias = None
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The float weight ``[out_features, in_features]`` the codes stand for."""
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(dtype)`` must not recast codes and scales (fp16 -> bf16 would lose scale bits):
+        quantized buffers follow device moves only; the bias follows dtype changes too."""
+        keep = {n: b for n, b in self._buffers.items() if b is not None and n != "bias"}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored weight (codes + scales + zeros), bias excluded."""
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "bias")
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        )
+
+
+def check_group_size(in_features: int, group_size: int, name: str = "weight") -> None:
+    if group_size <= 0 or in_features % group_size:
+        raise ConfigError(
+            f"group size {group_size} does not divide in_features={in_features} of '{name}' "
+            f"(choose a divisor, e.g. 32, 64 or 128)"
+        )
+
+
+@dataclass
+class AffineQuantizer:
+    """Round-to-nearest integer quantization ``w ~ (q - zero) * scale`` with ``q`` in ``[qmin, qmax]``.
+
+    One (scale, zero) pair per output row and per group of ``group_size`` input columns. Symmetric
+    quantization fixes the zero point at the middle of the range; asymmetric stretches ``[min, max]`` of
+    each group (always including 0, so zero is exactly representable) over the full range. Used by
+    round-to-nearest and by GPTQ, which calls :meth:`fit` once per group and :meth:`quantize` per column.
+    """
+
+    qmin: int
+    qmax: int
+    symmetric: bool
+    group_size: int
+    scale_dtype: torch.dtype | None = None  # storage dtype of the scales (e.g. fp16); None: fp32
+
+    def _stored_scale(self, scale: Tensor) -> Tensor:
+        """Round scales up to the storage dtype, so the grid still covers [min, max] and codes are computed
+        against exactly the value that is stored."""
+        if self.scale_dtype is None:
+            return scale
+        low = scale.to(self.scale_dtype)
+        up = torch.nextafter(low, torch.full_like(low, float("inf")))
+        return torch.where(low.float() < scale, up, low).float()
+
+    @property
+    def mid(self) -> int:
+        return (self.qmin + self.qmax + 1) // 2
+
+    def fit(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``w [N, g]`` -> per-row ``scale [N]`` and integer-valued ``zero [N]`` (float tensors)."""
+        w = w.float()
+        if self.symmetric:
+            # Largest magnitude maps to the largest positive code, so nothing is clipped.
+            amax = w.abs().amax(dim=1)
+            scale = self._stored_scale(amax / (self.qmax - self.mid))
+            zero = torch.full_like(scale, float(self.mid))
+        else:
+            wmin = w.amin(dim=1).clamp(max=0)
+            wmax = w.amax(dim=1).clamp(min=0)
+            scale = self._stored_scale((wmax - wmin) / (self.qmax - self.qmin))
+            zero = torch.round(self.qmin - wmin / scale.clamp(min=1e-12)).clamp(self.qmin, self.qmax)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale is exact
+        return scale, zero
+
+    def quantize(self, w: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        """Integer codes (as float) of ``w [N, ...]`` with per-row ``scale``/``zero`` broadcast on dim 0."""
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return torch.clamp(
+            torch.round(w.float() / scale.view(shape)) + zero.view(shape), self.qmin, self.qmax
+        )
+
+    @staticmethod
+    def dequantize(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+        shape = (-1,) + (1,) * (q.dim() - 1)
+        return (q - zero.view(shape)) * scale.view(shape)
+
+    def quantize_matrix(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Round-to-nearest of a whole ``[N, K]`` matrix -> codes ``[N, K]``, scales and zeros ``[N, K/g]``."""
+        N, K = w.shape
+        g = self.group_size
+        groups = w.float().reshape(N, K // g, g)
+        flat = groups.reshape(N * (K // g), g)
+        scale, zero = self.fit(flat)
+        codes = self.quantize(flat, scale, zero).reshape(N, K)
+        return codes, scale.reshape(N, K // g), zero.reshape(N, K // g)
+
+    def dequantize_matrix(self, codes: Tensor, scales: Tensor, zeros: Tensor) -> Tensor:
+        N, K = codes.shape
+        g = K // scales.shape[1]
+        q = codes.float().reshape(N, K // g, g)
+        return ((q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(N, K)

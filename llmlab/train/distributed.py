@@ -1,0 +1,138 @@
+"""Process-group setup and model wrapping for ``torchrun``: DDP or FSDP2, gloo on CPU, nccl on GPU.
+
+A run started with plain ``python`` is a world of one and nothing here touches ``torch.distributed``.
+Checkpoints never depend on the world size: model and optimizer state are gathered to full tensors on save
+(:func:`full_model_state` / :func:`full_optimizer_state`) and re-sharded on load.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Join the process group if launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
+    """DDP, or FSDP2 (``fully_shard`` each block, then the root), for a world larger than one."""
+    if not info.enabled:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(info.device.type, (info.world_size,))
+        for block in getattr(model, "layers", []):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module under a DDP/compile wrapper (FSDP2 shards in place, so it is its own module)."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    inner = getattr(inner, "module", inner)  # DDP
+    return getattr(inner, "_orig_mod", inner)
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks (one collective)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict on CPU, with the user's parameter names. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Full optimizer state keyed by parameter name (so it reloads on any world size). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def load_full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state
+):
+    """Load full (name-keyed) model/optimizer state into a possibly sharded model; every rank passes it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    opts = StateDictOptions(full_state_dict=True, strict=True)
+    set_model_state_dict(model, model_state, options=opts)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=opts)

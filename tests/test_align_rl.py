@@ -1,0 +1,152 @@
+"""PPO and GRPO: problems and verifiers, rollout/log-prob alignment, the KL controller and guard, short runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _align_helpers import chat_tokenizer, tiny_model
+
+from llmlab.align import rollout as R
+from llmlab.align.grpo import GRPOConfig, run_grpo
+from llmlab.align.ppo import ActorCritic, AdaptiveKLController, PPOConfig, run_ppo
+from llmlab.errors import CheckpointError, ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def quiet(cfg):
+    cfg.train.progress = cfg.train.tensorboard = cfg.train.plot = False
+    return cfg
+
+
+def test_math_problems_split_and_verifier():
+    train = R.load_problems("multiarith", "train")
+    test = R.load_problems("multiarith", "test")
+    assert len(train) + len(test) == 600 and 60 < len(test) < 180
+    assert not {p.prompt[0]["content"] for p in train} & {p.prompt[0]["content"] for p in test}
+    p = R.Problem([{"role": "user", "content": "q"}], "15.0", "multiarith")
+    assert R.score_completion(p, "5 + 10 = 15. The answer is 15.") == (True, True)
+    assert R.score_completion(p, "It is 1,5 or 15") == (True, False)  # last number, no format
+    assert R.score_completion(p, "The answer is 16.") == (False, True)
+    assert R.verifier_reward(p, "The answer is 15", format_weight=0.1)[0] == pytest.approx(1.1)
+    gsm = R.load_problems("gsm8k", "train", n=5)
+    assert len(gsm) == 5 and all(p.answer.replace(",", "").lstrip("-").isdigit() for p in gsm)
+    with pytest.raises(ConfigError):
+        R.load_problems("nope", "train")
+
+
+def test_task_problems_use_the_suite_scorer():
+    (p,) = R.load_problems("tasks:addition", "train", n=1)
+    assert R.score_completion(p, p.answer) == (True, True)
+    assert R.score_completion(p, "Sure! " + p.answer + " is it")[1] is False
+
+
+def test_engine_logprobs_match_the_training_forward():
+    """Rollout alignment: the engine's raw log-prob of each sampled token equals what the loss recomputes."""
+    tok = chat_tokenizer()
+    model = tiny_model(seed=7)
+    problems = R.load_problems("tasks", "train", n=4)
+    prompts = [R.prompt_token_ids(tok, p) for p in problems]
+    outs = R.generate(R.make_engine(model, tok), prompts, 10, 1.0, 1.0, seed=3)
+    batch = R.rl_batch(prompts, [o.token_ids for o in outs], tok.pad_id)
+    lp = R.batch_token_logps(model, batch)
+    for i, o in enumerate(outs):
+        got = lp[i][batch["labels"][i] != -100]
+        assert torch.allclose(got, torch.tensor(o.logprobs), atol=1e-4), i
+
+
+def test_adaptive_kl_controller_moves_toward_target():
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=10)
+    assert ctl.update(4.0) == pytest.approx(0.1 * 1.02)  # error clipped at +0.2, times 1/10
+    ctl = AdaptiveKLController(0.1, target=2.0, horizon=10)
+    assert ctl.update(1.8) == pytest.approx(0.1 * (1 - 0.01))  # error -0.1, inside the clip
+
+
+def test_actor_critic_value_head_starts_at_zero():
+    ac = ActorCritic(tiny_model())
+    logits, values = ac(torch.tensor([[3, 4, 5]]))
+    assert logits.shape == (1, 3, ac.cfg.vocab_size) and torch.all(values == 0)
+
+
+def test_grpo_short_run_logs_group_statistics(tmp_path):
+    tok = chat_tokenizer()
+    cfg = quiet(
+        GRPOConfig(
+            source="tasks:count_words",
+            n_train=50,
+            n_eval=9,
+            group_size=4,
+            prompts_per_step=2,
+            max_new_tokens=6,
+            eval_every=0,
+            epochs=2,
+        )
+    )
+    cfg.train.max_steps = 2
+    r = run_grpo(cfg, tmp_path / "g", model=tiny_model(seed=1), tokenizer=tok, progress=False)
+    for key in ("reward_mean", "reward_std", "zero_std_frac", "kl", "clip_frac", "before_exact_match"):
+        assert key in r
+    assert 0.0 <= r["zero_std_frac"] <= 1.0
+    assert (tmp_path / "g" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "g" / "metrics.jsonl").is_file()
+
+
+def _guard_cfg(steps: int, kl_stop: float | None) -> PPOConfig:
+    cfg = quiet(
+        PPOConfig(
+            reward="proxy",
+            source="tasks:addition",
+            n_train=40,
+            n_eval=9,
+            prompts_per_step=4,
+            max_new_tokens=6,
+            ppo_epochs=2,
+            minibatch=4,
+            micro_batch=4,
+            kl_stop=kl_stop,
+        )
+    )
+    cfg.train.max_steps = steps
+    cfg.train.lr = 5e-3
+    return cfg
+
+
+def test_ppo_kl_guard_restores_and_stops(tmp_path):
+    tok = chat_tokenizer()
+    model = tiny_model(seed=2)
+    r = run_ppo(_guard_cfg(6, kl_stop=0.05), tmp_path / "p", model=model, tokenizer=tok, progress=False)
+    assert r["kl_stopped"] is not None and r["kl_stopped"]["kl"] > 0.05
+    s = r["kl_stopped"]["step"]
+    assert s >= 1 and r["steps"] == s
+    # The policy kept is the last one whose rollout was within bounds: the policy after s-1 updates, exactly
+    # what an unguarded run of s-1 steps ends with (runs are deterministic in the seed).
+    twin = tiny_model(seed=2)
+    run_ppo(_guard_cfg(s - 1, kl_stop=None), None, model=twin, tokenizer=tok, progress=False)
+    for (n, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert (tmp_path / "p" / "ppo_report.json").is_file()
+
+
+def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path):
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models
+
+    from llmlab.align.reward_model import RewardModel, save_reward_model
+    from llmlab.tokenizer import Tokenizer
+
+    other = Tokenizer(HF(models.WordLevel({"a": 0, "<|eos|>": 1}, unk_token="a")))
+    rm = RewardModel.from_backbone(tiny_model())
+    save_reward_model(tmp_path / "rm", rm, other)
+    cfg = quiet(
+        PPOConfig(reward="rm", reward_model=str(tmp_path / "rm"), source="tasks", n_train=10, n_eval=9)
+    )
+    with pytest.raises(CheckpointError, match="tokenizer differs"):
+        run_ppo(cfg, None, model=tiny_model(), tokenizer=chat_tokenizer(), progress=False)
+    with pytest.raises(ConfigError, match="reward_model"):
+        PPOConfig(reward="rm").validate()
