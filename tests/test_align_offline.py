@@ -122,3 +122,17 @@ def test_bad_config_is_refused():
         small_cfg("xpo").validate()
     with pytest.raises(ConfigError, match="beta"):
         small_cfg(beta=-1.0).validate()
+
+
+def test_rpo_adds_the_chosen_nll():
+    tok = chat_tokenizer()
+    model = tiny_model(seed=6)
+    cfg = small_cfg(max_pairs=40, n_heldout=8, rpo_alpha=0.5)
+    src, _ = build_sources(cfg, tok, DataStats())
+    src.ref_logps = cached_reference(model, src, None, "t", 32, use_lora=False)
+    batch = src.next_batch()
+    out = make_offline_loss(cfg)(model, batch)
+    sums, counts = offline.sequence_logps(model, batch)
+    B = sums.shape[0] // 2
+    nll = (-sums[:B] / counts[:B]).mean().item()
+    assert out.loss_sum.item() / out.weight == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)

@@ -44,8 +44,8 @@ def win_rate(sft, policy, tok, n_per_task: int = 20) -> dict:
     """Verifier-judged head-to-head on held-out task prompts (greedy answers)."""
     problems = R.load_problems("tasks", "test", n_per_task * 9)
     prompts = [R.prompt_token_ids(tok, p) for p in problems]
-    a = R.generate(R.make_engine(sft, tok), prompts, 24, 0.0, 1.0, 0)
-    b = R.generate(R.make_engine(policy, tok), prompts, 24, 0.0, 1.0, 0)
+    a = R.generate(sft, tok, prompts, 24, 0.0, 1.0, 0)
+    b = R.generate(policy, tok, prompts, 24, 0.0, 1.0, 0)
     wins = losses = ties = 0
     for p, x, y in zip(problems, a, b):
         cx, cy = R.score_completion(p, x.text)[0], R.score_completion(p, y.text)[0]
@@ -62,14 +62,14 @@ def win_rate(sft, policy, tok, n_per_task: int = 20) -> dict:
     }
 
 
-def dpo_outcome(sft, tok, out: Path) -> dict:
+def dpo_outcome(sft, tok, out: Path, lr: float = 1e-4, rpo_alpha: float = 1.0, beta: float = 0.1) -> dict:
     from llmlab.align.offline import AlignConfig, run_offline
 
     policy = copy.deepcopy(sft)
     train = quiet(
         TrainConfig(
-            lr=3e-4,
-            min_lr=3e-5,
+            lr=lr,
+            min_lr=lr / 10,
             warmup_steps=5,
             max_steps=60,
             batch_size=16,
@@ -81,10 +81,17 @@ def dpo_outcome(sft, tok, out: Path) -> dict:
         )
     )
     cfg = AlignConfig(
-        data=["tasks"], max_pairs=2000, n_heldout=200, max_len=128, loss="dpo", beta=0.1, train=train
+        data=["tasks"],
+        max_pairs=2000,
+        n_heldout=200,
+        max_len=128,
+        loss="dpo",
+        beta=beta,
+        train=train,
+        rpo_alpha=rpo_alpha,
     )
     t = time.perf_counter()
-    m = run_offline(cfg, out / "dpo", model=policy, tokenizer=tok)
+    m = run_offline(cfg, out / f"dpo_lr{lr}_rpo{rpo_alpha}_b{beta}", model=policy, tokenizer=tok)
     res = {
         "val_reward_accuracy": m["val_reward_accuracy"],
         "val_reward_margin": m["val_reward_margin"],
@@ -94,14 +101,21 @@ def dpo_outcome(sft, tok, out: Path) -> dict:
     return res
 
 
-def grpo_outcome(sft, tok, out: Path) -> dict:
+def grpo_outcome(
+    sft,
+    tok,
+    out: Path,
+    source: str = "tasks:count_letters,count_words,unit_conversion",
+    temperature: float = 0.8,
+) -> dict:
     from llmlab.align.grpo import GRPOConfig, run_grpo
 
     policy = copy.deepcopy(sft)
     cfg = GRPOConfig(
-        source="tasks",
+        source=source,
         n_train=2000,
-        n_eval=180,
+        n_eval=60,
+        temperature=temperature,
         group_size=8,
         prompts_per_step=8,
         max_new_tokens=20,
@@ -125,7 +139,13 @@ def grpo_outcome(sft, tok, out: Path) -> dict:
         )
     )
     t = time.perf_counter()
-    m = run_grpo(cfg, out / "grpo", model=policy, tokenizer=tok, progress=False)
+    m = run_grpo(
+        cfg,
+        out / f"grpo_{source.replace(':', '_').replace(',', '+')}_t{temperature}",
+        model=policy,
+        tokenizer=tok,
+        progress=False,
+    )
     m["seconds"] = time.perf_counter() - t
     gains = {
         k[len("after_") :]: m[k] - m["before_" + k[len("after_") :]] for k in m if k.startswith("after_exact")
@@ -290,7 +310,14 @@ if __name__ == "__main__":
     sft, tok = train_tiny_sft(root / "sft", steps=SFT_STEPS)
     print(json.dumps({"sft_seconds": time.perf_counter() - t0}), flush=True)
     todo = ["dpo", "grpo", "ppo", "hack"] if "all" in args.what else args.what
-    fns = {"dpo": dpo_outcome, "grpo": grpo_outcome, "ppo": ppo_outcome, "hack": hack_outcome}
+    fns = {
+        "dpo": dpo_outcome,
+        "dpo_plain": lambda s, t, o: dpo_outcome(s, t, o, 3e-4, 0.0, 0.1),
+        "grpo_all": lambda s, t, o: grpo_outcome(s, t, o, "tasks", 1.0),
+        "grpo": grpo_outcome,
+        "ppo": ppo_outcome,
+        "hack": hack_outcome,
+    }
     for name in todo:
         r = fns[name](sft, tok, root)
         print(json.dumps({name: r}, default=str), flush=True)

@@ -47,18 +47,34 @@ def test_task_problems_use_the_suite_scorer():
     assert R.score_completion(p, "Sure! " + p.answer + " is it")[1] is False
 
 
-def test_engine_logprobs_match_the_training_forward():
-    """Rollout alignment: the engine's raw log-prob of each sampled token equals what the loss recomputes."""
+def test_rollout_logprobs_match_the_training_forward_after_updates():
+    """Rollouts are on-policy: the engine's raw log-prob of each sampled token equals what the loss recomputes,
+    also after optimizer steps (an engine kept across steps returned stale log-probs; rollouts build a fresh one).
+    """
+    from llmlab.train import TrainConfig, Trainer
+
     tok = chat_tokenizer()
     model = tiny_model(seed=7)
     problems = R.load_problems("tasks", "train", n=4)
     prompts = [R.prompt_token_ids(tok, p) for p in problems]
-    outs = R.generate(R.make_engine(model, tok), prompts, 10, 1.0, 1.0, seed=3)
-    batch = R.rl_batch(prompts, [o.token_ids for o in outs], tok.pad_id)
-    lp = R.batch_token_logps(model, batch)
-    for i, o in enumerate(outs):
-        got = lp[i][batch["labels"][i] != -100]
-        assert torch.allclose(got, torch.tensor(o.logprobs), atol=1e-4), i
+
+    def max_gap() -> float:
+        outs = R.generate(model, tok, prompts, 10, 1.0, 1.0, seed=3)
+        batch = R.rl_batch(prompts, [o.token_ids for o in outs], tok.pad_id)
+        lp = R.batch_token_logps(model, batch)
+        return max(
+            float((lp[i][batch["labels"][i] != -100] - torch.tensor(o.logprobs)).abs().max())
+            for i, o in enumerate(outs)
+        )
+
+    assert max_gap() < 1e-4
+    cfg = TrainConfig(
+        lr=1e-2, progress=False, tensorboard=False, plot=False, precision="fp32", peak_tflops=1.0
+    )
+    trainer = Trainer(model, cfg, None)
+    for _ in range(3):
+        trainer.train_step([R.rl_batch(prompts, [[5, 6, 7]] * 4, tok.pad_id)])
+    assert max_gap() < 1e-4
 
 
 def test_adaptive_kl_controller_moves_toward_target():

@@ -98,7 +98,28 @@ def test_generating_from_a_training_policy_uses_eval_mode_and_restores_it():
     assert m.training
 
 
-@pytest.mark.parametrize("fmt,tol", [("int8", 0.08), ("int4", 0.3)])
+def test_int8_and_int4_matmuls():
+    from llmlab.infer.fast import linear, quantize_int4, quantize_int8
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 128, generator=g)
+    x = torch.randn(3, 128, generator=g)
+    want = x @ w.t()
+    for quant, tol in ((quantize_int8, 0.02), (quantize_int4, 0.12)):
+        rel = float((linear(x, quant(w)) - want).norm() / want.norm())
+        assert 1e-4 < rel < tol, (quant.__name__, rel)
+    # A matrix already on GGUF Q4_1's grid (w = d * q + m per group of 32) is represented up to bf16 scales.
+    d = torch.rand(96, 4, 1, generator=g) * 0.1 + 0.01
+    m = torch.randn(96, 4, 1, generator=g) * 0.1
+    q = torch.randint(0, 16, (96, 4, 32), generator=g).float()
+    q[..., 0], q[..., 1] = 0, 15  # each group spans the full range, as Q4_1 blocks do
+    w4 = (d * q + m).view(96, 128)
+    rel = float((linear(x, quantize_int4(w4)) - x @ w4.t()).norm() / (x @ w4.t()).norm())
+    assert rel < 0.01
+    assert len(quantize_int4(torch.randn(90, 128))) == 2  # 90 rows: the int4 kernel needs 16 | rows -> int8
+
+
+@pytest.mark.parametrize("fmt,tol", [("int8", 0.08)])
 def test_quantized_fast_path_stays_close_to_the_model(fmt, tol):
     m = model(seed=4, d_model=128, n_layers=2)
     ps = prompts(2, seed=4)
@@ -117,7 +138,9 @@ def test_quantized_fast_path_stays_close_to_the_model(fmt, tol):
         assert 1e-4 < rel < tol, rel  # the rounding is there, and small
         agree = (got.argmax(-1) == want.argmax(-1)).float().mean()
         assert agree > 0.7 if fmt == "int8" else agree > 0.4
-    assert isinstance(llm8.fast.layers[0].qkv_w, tuple) and llm8.fast.layers[0].qkv_w[0].dtype != torch.float32
+    assert (
+        isinstance(llm8.fast.layers[0].qkv_w, tuple) and llm8.fast.layers[0].qkv_w[0].dtype != torch.float32
+    )
     with pytest.raises(LLMLabError):
         LLM.from_model(m, None, fast="int3")
 
@@ -249,6 +272,8 @@ def test_bad_requests_raise_and_the_engine_keeps_serving():
     while llm.has_unfinished():
         done.update({o.request_id: o for o in llm.step() if o.finished})
     assert sorted(done) == sorted(ids) and all(len(o.token_ids) == 6 for o in done.values())
+    with pytest.raises(LLMLabError, match="max_batchsize"):
+        LLM.from_model(m, None, max_batchsize=4)
     with pytest.raises(LLMLabError, match="prompt 1"):
         llm.generate([good[0], "text needs a tokenizer"])
 
@@ -377,3 +402,30 @@ def test_cli_generate_and_errors(tmp_path, capsys):
     assert "top_p" in capsys.readouterr().err
     assert main(["generate", str(ckpt), "--prompt", "hi", "--set", "tempreature=1"]) == 2
     assert "tempreature" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_smollm2_chat_matches_transformers_and_quantized_paths_agree(smollm2_gguf):
+    """The real SmolLM2-135M-Instruct GGUF: engine greedy == transformers greedy on the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmlab.interop.hf import config_to_hf, state_to_hf
+
+    llm = LLM(smollm2_gguf)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    out = llm.generate([msgs], SamplingParams(max_tokens=16))[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+    m = llm.model
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config_to_hf(m.cfg))).eval()
+    hf.load_state_dict(state_to_hf(m.state_dict(), m.cfg), strict=False)
+    hf.tie_weights()
+    ids = torch.tensor([out.prompt_token_ids])
+    with torch.no_grad():
+        ref = hf.generate(
+            ids, max_new_tokens=len(out.token_ids), do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+    assert out.token_ids == ref[0, ids.shape[1] :].tolist()
+    for fmt in ("int8", "int4"):
+        q = LLM.from_model(m, llm.tokenizer, fast=fmt).generate([msgs], SamplingParams(max_tokens=16))[0]
+        assert "Paris" in q.text

@@ -25,7 +25,7 @@ def _tv(counts: torch.Tensor, probs: torch.Tensor) -> float:
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_rejection_rule_preserves_the_target_distribution(deterministic):
     """Joint law of the first two emitted tokens equals the target's, whatever the proposer."""
-    V, N = 5, 20_000
+    V, N = 5, 12_000
     p = _dist(0, 3, V)  # target at positions 1, 2 and the bonus position 3
     q = _dist(1, 2, V)  # a proposer that disagrees with the target
     g = torch.Generator().manual_seed(2)
@@ -47,7 +47,7 @@ def test_rejection_rule_preserves_the_target_distribution(deterministic):
             joint[out[0], int(torch.multinomial(p[1], 1, generator=g))] += 1
     # The target's joint law: p1(a) * p2(b) (the toy target ignores history).
     want = p[0][:, None] * p[1][None, :]
-    assert _tv(joint.flatten(), want.flatten()) < 0.025
+    assert _tv(joint.flatten(), want.flatten()) < 0.03  # sampling noise is about 0.013
     # Chi-square goodness of fit on the first token (4 degrees of freedom: p=0.001 critical value 18.5).
     first = joint.sum(1)
     chi2 = float(((first - N * p[0]) ** 2 / (N * p[0])).sum())
@@ -113,3 +113,5 @@ def test_speculative_config_errors():
         LLM.from_model(model(), None, speculative={"method": "draft"})
     with pytest.raises(LLMLabError):
         LLM.from_model(model(), None, speculative={"method": "medusa"})
+    with pytest.raises(LLMLabError, match="sinks"):
+        LLM.from_model(model(), None, speculative="ngram", attention_sinks=(4, 16))

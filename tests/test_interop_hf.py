@@ -351,3 +351,13 @@ def test_export_refuses_what_hf_cannot_express():
             "/nonexistent/never-written",
             Transformer(_small(rope_scaling=RopeScaling(type="ntk", factor=2.0))),
         )
+
+
+def test_named_chat_templates_pick_default(tmp_path):
+    tok = tiny_tokenizer(VOCAB)
+    save_hf(tmp_path, Transformer(_small(vocab_size=tok.vocab_size)), tokenizer=tok)
+    meta = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    meta["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(meta))
+    _, back = load_hf(tmp_path)
+    assert back.chat_template == "D"

@@ -91,15 +91,34 @@ def test_kernel_forward_equals_dequantized_reference(cls, bias):
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 96, bias=bias)
     q = Int8Linear.from_linear(lin) if cls == "int8" else Int4Linear.from_linear(lin, group_size=64)
-    x = torch.randn(2, 7, 192)
-    out = q(x)
-    assert out.shape == (2, 7, 96)
-    assert torch.allclose(out, linear_reference(q, x), rtol=1e-4, atol=1e-5)
-    out_bf16 = q(x.bfloat16())
-    assert out_bf16.dtype == torch.bfloat16
-    assert _rel(out_bf16.float(), linear_reference(q, x)) < 1e-2
+    x = torch.randn(2, 3, 192)
+    exact = linear_reference(q, x)  # fp32 dequantize-then-matmul
+    # fp32 activations take the exact path; bf16 decode-sized inputs run the int8/int4 kernel.
+    assert not q.kernel_ok(x) and torch.allclose(q(x), exact)
+    xb = x.bfloat16()
+    assert q.kernel_ok(xb)
+    out = q(xb)
+    assert out.shape == (2, 3, 96) and out.dtype == torch.bfloat16
+    assert _rel(out.float(), exact) < 1e-2  # bf16 rounding of activations and outputs only
+    assert _rel(out.float(), linear_reference(q, xb).float()) < 1e-2
+    q.use_kernel = False  # the switch really selects the other path
+    assert not q.kernel_ok(xb)
+    # Prefill-sized inputs dequantize (faster than the kernel there) and agree with the kernel's rows.
+    q.use_kernel = True
+    big = torch.randn(1, q.kernel_max_rows + 1, 192).bfloat16()
+    assert not q.kernel_ok(big)
+    assert _rel(q(big)[0, :4].float(), q(big[:, :4])[0].float()) < 1e-2
     # The quantized layer stays close to the float layer it replaced.
-    assert _rel(out, lin(x)) < (0.01 if cls == "int8" else 0.12)
+    assert _rel(q(x), lin(x)) < (0.01 if cls == "int8" else 0.12)
+
+
+def test_int4_kernel_falls_back_for_unsupported_shapes():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 40)  # 40 output features: not a multiple of the kernel's 16-wide tiles
+    q = Int4Linear.from_linear(lin, group_size=32)
+    x = torch.randn(3, 64).bfloat16()
+    assert not q.kernel_ok(x)
+    assert torch.allclose(q(x).float(), linear_reference(q, x).float())
 
 
 def test_model_to_bf16_keeps_quantized_buffers():
@@ -115,15 +134,6 @@ def test_model_to_bf16_keeps_quantized_buffers():
     with torch.no_grad():
         out = model(ids)
     assert out.dtype == torch.bfloat16 and _rel(out.float(), ref) < 0.05
-
-
-def test_int4_kernel_falls_back_for_unsupported_shapes():
-    torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 40)  # 40 output features: not a multiple of the kernel's 16-wide tiles
-    q = Int4Linear.from_linear(lin, group_size=32)
-    x = torch.randn(3, 64)
-    assert not q.kernel_ok(x)
-    assert torch.allclose(q(x), linear_reference(q, x))
 
 
 # ------------------------------------------------------------------------------------------- GPTQ
@@ -173,12 +183,12 @@ def test_gptq_handles_dead_inputs():
 def test_awq_scaling_reduces_error_with_outlier_channels():
     torch.manual_seed(0)
     K, N = 256, 96
-    x = torch.randn(2048, K)
+    x = torch.randn(512, K)
     x[:, :4] *= 40.0  # a few outlier activation channels, as in real LLMs
     weights = [torch.randn(N, K) * 0.05, torch.randn(N // 2, K) * 0.05]
     cfg = QuantConfig(scheme="int4", group_size=64)
     cfg.validate()
-    scale, err, base = search_scale(x, weights, lambda w: fake_quantize(w, cfg))
+    scale, err, base = search_scale(x, weights, lambda w: fake_quantize(w, cfg), grid=10)
     assert err < 0.7 * base
     assert scale[:4].min() > scale[4:].max()  # the outlier channels are scaled up
 
@@ -188,7 +198,7 @@ def test_awq_without_outliers_never_worse_than_rtn():
     x = torch.randn(512, 128)
     cfg = QuantConfig(scheme="int4", group_size=32)
     cfg.validate()
-    _, err, base = search_scale(x, [torch.randn(64, 128)], lambda w: fake_quantize(w, cfg))
+    _, err, base = search_scale(x, [torch.randn(64, 128)], lambda w: fake_quantize(w, cfg), grid=8)
     assert err <= base
 
 
@@ -214,7 +224,9 @@ CONFIGS = {
     "int4-g32": QuantConfig(scheme="int4", group_size=32),
     "int4-g64-sym": QuantConfig(scheme="int4", group_size=64, symmetric=True),
     "nf4": QuantConfig(scheme="nf4", group_size=64),
-    "int4-gptq-awq": QuantConfig(scheme="int4", group_size=32, gptq=True, awq=True, act_order=True),
+    "int4-gptq-awq": QuantConfig(
+        scheme="int4", group_size=32, gptq=True, awq=True, act_order=True, awq_grid=4
+    ),
     "int8-gptq": QuantConfig(scheme="int8", gptq=True),
 }
 
@@ -248,8 +260,8 @@ def test_quantize_save_load_gives_identical_logits(name, tmp_path):
 def test_gptq_model_beats_rtn_on_calibration_like_text():
     """On a model whose inputs are correlated (trained-like), GPTQ's logits are closer to the float model's."""
     torch.manual_seed(0)
-    model = _model(seed=5, d_model=128, d_ff=256)
-    ids = torch.randint(0, 400, (4, 48))
+    model = _model(seed=5)
+    ids = torch.randint(0, 400, (4, 32))
     with torch.no_grad():
         ref = model(ids)
     errs = {}
@@ -352,6 +364,12 @@ def test_cli_quantize_then_eval(tmp_path, capsys):
     assert "int4, group 32 + GPTQ" in out and "MiB" in out and "x smaller" in out
     loaded, _ = load_quantized(tmp_path / "dst")
     assert isinstance(loaded.layers[0].self_attn.q_proj, Int4Linear)
+    import llmlab
+
+    via_load, tok = llmlab.load(tmp_path / "dst")  # the public loader dispatches to load_quantized
+    ids = torch.tensor([tok.encode("The game was released")])
+    with torch.no_grad():
+        assert torch.equal(via_load(ids), loaded(ids))
     text = tmp_path / "t.txt"
     text.write_text("The game was released in Japan in 2011 and received positive reviews. " * 20)
     assert main(["eval", "ppl", str(tmp_path / "dst"), "--data", str(text), "--seq-len", "64", "--json"]) == 0
@@ -372,3 +390,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "dst").exists()
     rc = main(["quantize", str(tmp_path / "src"), str(tmp_path / "dst2"), "--set", "bits=3"])
     assert rc == 2 and "unknown config key 'bits'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------- int8 KV
+def test_int8_kv_cache_decodes_like_the_float_cache():
+    from llmlab.model import KVCache
+    from llmlab.quant.kv_int8 import Int8KVCache
+
+    model = _model(seed=11)
+    prompt = torch.randint(0, 400, (2, 10))
+    steps = torch.randint(0, 400, (2, 8))  # the same continuation for both caches (teacher forcing)
+    outs = {}
+    for name, cls in (("fp32", KVCache), ("int8", Int8KVCache)):
+        cache = cls(model.cfg, batch_size=2, max_len=32)
+        with torch.no_grad():
+            logits = [model(prompt, cache=cache)[:, -1]]
+            logits += [model(steps[:, i : i + 1], cache=cache)[:, -1] for i in range(steps.shape[1])]
+        outs[name] = (torch.stack(logits), cache.nbytes())
+    with torch.no_grad():
+        full = model(torch.cat([prompt, steps], dim=1))[:, 9:].transpose(0, 1)
+    assert torch.allclose(outs["fp32"][0], full, atol=1e-4)  # the float cache is exact
+    assert 0 < _rel(outs["int8"][0], full) < 0.01
+    # head_dim 16: (16 + 4) / (4 * 16) of the fp32 cache.
+    assert outs["int8"][1] / outs["fp32"][1] == pytest.approx(20 / 64)

@@ -400,9 +400,22 @@ def test_pretrain_prepares_missing_data_from_a_corpus(tmp_path):
     corpus.write_bytes(gzip.decompress(ASSET.read_bytes())[:60_000])
     data, out = tmp_path / "shards", tmp_path / "run"
     args = [
-        f"data.dir={data}", f"data.corpus={corpus}", "data.vocab_size=320", "data.clean=none", "model.vocab_size=320",
-        "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=32",
-        "seq_len=32", "batch_size=2", "max_steps=2", "eval_batches=1", "progress=false", "tensorboard=false",
+        f"data.dir={data}",
+        f"data.corpus={corpus}",
+        "data.vocab_size=320",
+        "data.clean=none",
+        "model.vocab_size=320",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.n_kv_heads=1",
+        "model.max_seq_len=32",
+        "seq_len=32",
+        "batch_size=2",
+        "max_steps=2",
+        "eval_batches=1",
+        "progress=false",
+        "tensorboard=false",
     ]
     assert main(["pretrain", "--out", str(out), *args]) == 0
     meta = read_meta(data)
@@ -413,7 +426,9 @@ def test_pretrain_prepares_missing_data_from_a_corpus(tmp_path):
 
 
 def test_bf16_autocast_step_runs_and_learns(data_dir):
-    trainer = Trainer(fresh_model(), quiet(precision="bf16", max_steps=15), PackedLoader(data_dir, "train", 4, SEQ))
+    trainer = Trainer(
+        fresh_model(), quiet(precision="bf16", max_steps=15), PackedLoader(data_dir, "train", 4, SEQ)
+    )
     losses = [trainer.train_step([trainer.train_source.next_batch()])["loss"] for _ in range(15)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.5
     assert trainer.model.embed_tokens.weight.dtype == torch.float32  # master weights stay fp32
@@ -432,3 +447,55 @@ def test_thread_policy_only_when_oversubscribed(monkeypatch):
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
     assert threads.configure_cpu_threads(verbose=False)
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(data_dir):
+    """TrainConfig.compile compiles model + cross-entropy as one graph; the numbers must not change."""
+    results = []
+    for compiled in (False, True):
+        trainer = Trainer(fresh_model(), quiet(compile=compiled), PackedLoader(data_dir, "train", 4, SEQ))
+        results.append([trainer.train_step([trainer.train_source.next_batch()])["loss"] for _ in range(3)])
+    assert results[1] == pytest.approx(results[0], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    from llmlab.apps.demo import main
+
+    overrides = ["max_steps=60", "batch_size=8", "seq_len=128", "model.n_layers=2", "compile=false"]
+    code = main(["--out", str(tmp_path / "demo"), "--train-minutes", "3", *overrides])
+    out = capsys.readouterr().out
+    assert code == 0, out  # 0 means the model beat gzip -9 and xz -9e on the held-out text
+    assert "beats both compressors" in out and "[greedy] Once upon a time" in out
+    assert (tmp_path / "demo" / "loss_curve.png").is_file() and (
+        tmp_path / "demo" / "final" / "tokenizer.json"
+    ).is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_chunked_cross_entropy_matches_plain(precision):
+    from llmlab.train.fused_ce import fused_linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(70, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (70,))
+    labels[::3] = -100
+    grads = []
+    for fused in (False, True):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            if fused:
+                loss = fused_linear_cross_entropy(hidden, weight, labels, chunk=32)  # 3 chunks, a ragged one
+            else:
+                logits = torch.nn.functional.linear(hidden, weight).float()
+                loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        (2.0 * loss).backward()  # a non-unit upstream gradient
+        grads.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    tol = 1e-5 if precision == "fp32" else 2e-2
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        no_grad_loss = fused_linear_cross_entropy(hidden, weight, labels, 32)  # evaluation: loss only
+    torch.testing.assert_close(no_grad_loss, grads[1][0], rtol=1e-6, atol=1e-6)

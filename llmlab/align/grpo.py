@@ -163,8 +163,7 @@ def run_grpo(
         out_dir=out,
         extra_config={"grpo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
     )
-    engine = R.make_engine(model, tokenizer, max_batch_size=cfg.prompts_per_step * cfg.group_size)
-    before = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    before = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
     trainer.logger.log(0, before, prefix="val")
     history: list[dict[str, float]] = []
     bar = None
@@ -181,7 +180,8 @@ def run_grpo(
         flat_prompts = [p for p in prompts for _ in range(cfg.group_size)]
         flat_problems = [p for p in problems for _ in range(cfg.group_size)]
         outs = R.generate(
-            engine,
+            model,
+            tokenizer,
             flat_prompts,
             cfg.max_new_tokens,
             cfg.temperature,
@@ -228,11 +228,11 @@ def run_grpo(
                 kl=f"{metrics['kl']:.3f}",
             )
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.train.max_steps:
-            last_eval = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+            last_eval = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
             trainer.logger.log(step + 1, last_eval, prefix="val")
     if bar is not None:
         bar.close()
-    after = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    after = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
     trainer.logger.log(cfg.train.max_steps, after, prefix="val")
     if out is not None:
         trainer.save_final()

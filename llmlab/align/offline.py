@@ -63,6 +63,9 @@ class AlignConfig:
     loss: str = "dpo"
     beta: float | None = None
     label_smoothing: float = 0.0  # cDPO
+    rpo_alpha: float = (
+        0.0  # dpo/ipo: + alpha x chosen NLL per token (RPO, TRL's rpo_alpha): keeps chosen likely
+    )
     simpo_gamma: float = 0.5
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
@@ -89,6 +92,8 @@ class AlignConfig:
             raise ConfigError(f"config key 'loss' must be one of {list(LOSSES)}, got {self.loss!r}")
         if self.beta is not None and self.beta <= 0:
             raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"config key 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"config key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.max_len < 8:
@@ -244,6 +249,12 @@ def make_offline_loss(cfg: AlignConfig):
                 losses = L.dpo_loss(pc, pr, refc, refr, beta, cfg.label_smoothing)
             else:
                 losses = L.ipo_loss(pc / nc, pr / nr, refc / nc, refr / nr, beta)
+            if cfg.rpo_alpha:
+                # DPO lowers both responses' likelihoods; an NLL term on the chosen one stops the chosen answer
+                # itself from becoming unlikely (Pang et al. 2024, "iterative RPO").
+                nll = -pc / nc.clamp(min=1)
+                losses = losses + cfg.rpo_alpha * nll
+                metrics["nll"] = float(nll.detach().mean())
             rc, rr = L.implicit_rewards(pc, refc, beta), L.implicit_rewards(pr, refr, beta)
             # Sequence log-ratio to the reference on the data's responses (an offline proxy for the KL).
             metrics["logratio_ref"] = float(((pc - refc) + (pr - refr)).detach().mean() / 2)

@@ -247,9 +247,8 @@ def run_ppo(
         out_dir=out,
         extra_config={"ppo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
     )
-    engine = R.make_engine(model, tokenizer, max_batch_size=cfg.prompts_per_step)
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    before = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    before = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
     trainer.logger.log(0, before, prefix="val")
     trainable = [p for p in ac.parameters() if p.requires_grad]
     good_state = [p.detach().clone() for p in trainable]
@@ -266,7 +265,13 @@ def run_ppo(
         problems = rng.sample(train_problems, min(cfg.prompts_per_step, len(train_problems)))
         prompts = [R.prompt_token_ids(tokenizer, p) for p in problems]
         outs = R.generate(
-            engine, prompts, cfg.max_new_tokens, cfg.temperature, 1.0, seed=cfg.train.seed * 7919 + step
+            model,
+            tokenizer,
+            prompts,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            1.0,
+            seed=cfg.train.seed * 7919 + step,
         )
         scores = scorer(problems, prompts, outs).float()
         batch = R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id)
@@ -341,12 +346,12 @@ def run_ppo(
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             trainer.logger.log(
                 step + 1,
-                R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens),
+                R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens),
                 prefix="val",
             )
     if bar is not None:
         bar.close()
-    after = R.evaluate_problems(engine, tokenizer, eval_problems, cfg.max_new_tokens)
+    after = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
     trainer.logger.log(state.step, after, prefix="val")
     trainer.logger.close()
     result: dict[str, Any] = {

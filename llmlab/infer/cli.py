@@ -227,6 +227,13 @@ def _generate(args: argparse.Namespace) -> int:
         f"{len(outs)} prompts, {ntok} tokens in {elapsed:.1f}s ({ntok / max(elapsed, 1e-9):.1f} tok/s)",
         file=sys.stderr,
     )
+    mem = llm.memory_report()
+    print(
+        f"KV cache: {mem['kv_bytes_per_token']} bytes/token = 2 x {mem['layers']} layers x {mem['kv_heads']} kv heads"
+        f" x {mem['head_dim']} head dim x dtype bytes (allocated {mem['kv_bytes_per_token_measured']:.0f}/token,"
+        f" pool {mem['kv_pool_bytes'] / 2**20:.1f} MiB)",
+        file=sys.stderr,
+    )
     return 0
 
 

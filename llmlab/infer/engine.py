@@ -99,6 +99,7 @@ class _Request:
         self.seq_id = next(engine._seq_counter)
         self.emitted_text = 0  # characters already returned as deltas
         self.emitted_tokens = 0
+        self.stream = True  # False for generate(): no text is decoded until the request finishes
 
     @property
     def num_tokens(self) -> int:
@@ -113,14 +114,19 @@ class LLM:
     RoPE scaling factor), ``rope_scaling`` (dict or :class:`RopeScaling`: run past the trained context),
     ``sliding_window``, ``attention_sinks=(S, W)`` (StreamingLLM: bounded memory, unbounded length),
     ``prefill_chunk`` (tokens per prefill forward), ``dtype``, ``seed`` (for unseeded sampled requests),
-    ``fast`` (fused decode path, on by default where the model allows it; ``fast="int8"`` also stores its
-    matmul weights as int8 -- faster, no longer bit-exact), ``speculative`` (see
+    ``fast`` (fused decode path, on by default where the model allows it; ``fast="int8"``/``"int4"`` also
+    store its matmul weights quantized -- faster batch-1 decode, no longer bit-exact), ``speculative``
+    (``"ngram"`` or ``{"method": "draft", "draft_model": ..., "num_tokens": 4}``; see
     :mod:`llmlab.infer.speculative`).
+
+    The engine is not thread-safe: drive ``add_request``/``step``/``abort`` from one thread (a server runs
+    them in one loop and hands results to its connections).
     """
 
     def __init__(self, path: str | Path | None = None, tokenizer: Any = None, **options: Any):
         if path is None:
             raise LLMLabError("LLM() needs a model path (or use LLM.from_model(model, tokenizer))")
+        _check_options(options, extra=("adapter",))
         model, loaded_tok = _load(path, options.pop("adapter", None))
         self._setup(model, tokenizer or loaded_tok, **options)
 
@@ -129,6 +135,7 @@ class LLM:
         """Wrap an in-memory model (e.g. the policy during RL). The engine reads its live weights: training
         the model between calls is seen by the next ``generate``. ``rope_scaling``/``sliding_window``
         options change the model's config in place."""
+        _check_options(options)
         self = cls.__new__(cls)
         self._setup(model, tokenizer, **options)
         return self
@@ -461,7 +468,9 @@ class LLM:
         While running, text that may still become part of a stop string, or an incomplete UTF-8 character,
         is held back so a stream never shows something the final text will not contain.
         """
-        if req.finish_reason is None:
+        if req.finish_reason is None and not req.stream:
+            text, visible = "", 0
+        elif req.finish_reason is None:
             text = req.text if req.params.stop_strings else self._decode_text(req, req.output_ids)
             visible = len(text) - stop_prefix_len(text, req.params.stop_strings)
             while visible > 0 and text[visible - 1] == "\ufffd":
@@ -520,6 +529,7 @@ class LLM:
         for text, ids, p in encoded:
             rid = f"gen-{next(self._req_counter)}"
             req = _Request(rid, text, ids, p, self)
+            req.stream = False
             self.requests[rid] = req
             self.waiting.append(req)
             rids.append(rid)
@@ -585,6 +595,15 @@ class LLM:
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _check_options(options: dict[str, Any], extra: tuple[str, ...] = ()) -> None:
+    import inspect
+
+    known = [n for n in inspect.signature(LLM._setup).parameters if n not in ("self", "model", "tokenizer")]
+    for name in options:
+        if name not in known and name not in extra:
+            raise LLMLabError(f"unknown LLM option {name!r} (known: {', '.join(sorted([*known, *extra]))})")
+
+
 def _dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

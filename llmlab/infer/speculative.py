@@ -111,6 +111,10 @@ class SpeculativeDecoder:
 
     def __init__(self, engine: Any, cfg: SpeculativeConfig):
         cfg.validate()
+        if engine.attention_sinks is not None:
+            raise LLMLabError(
+                "speculative decoding does not combine with attention sinks (rollback needs absolute positions)"
+            )
         self.engine = engine
         self.cfg = cfg
         self.draft = None
@@ -139,6 +143,10 @@ class SpeculativeDecoder:
         if isinstance(spec, str):
             spec = SpeculativeConfig(method=spec)
         elif isinstance(spec, dict):
+            known = SpeculativeConfig.__dataclass_fields__
+            unknown = [k for k in spec if k not in known]
+            if unknown:
+                raise LLMLabError(f"unknown speculative option {unknown[0]!r} (known: {', '.join(known)})")
             spec = SpeculativeConfig(**spec)
         return cls(engine, spec)
 

@@ -7,60 +7,23 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+import importlib
+from typing import Any
 
-from llmlab.errors import CheckpointError
-from llmlab.model.config import ModelConfig
-from llmlab.model.transformer import Transformer
-
-
-def check_state(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Same names and shapes as the model's own state, else a CheckpointError naming the first bad tensor.
-
-    (``checkpoint.load_into`` does this and then copies; here the tensors are adopted instead.)
-    """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
-            )
+# Lazy, so that ``llmlab.interop.cli`` (imported by ``llmlab --help``) does not pull in torch.
+_LAZY = {
+    "build_model": "llmlab.interop.build",
+    "check_state": "llmlab.interop.build",
+    "load_hf": "llmlab.interop.hf",
+    "save_hf": "llmlab.interop.hf",
+    "load_gguf": "llmlab.interop.gguf",
+}
 
 
-def build_model(
-    cfg: ModelConfig,
-    state: dict[str, Tensor],
-    source: str,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> Transformer:
-    """A :class:`Transformer` holding ``state`` (strictly checked), in eval mode.
-
-    The model is created on the meta device and then adopts the state's tensors (``assign=True``), so no time
-    goes into a random init that is overwritten, nor into a second copy of every weight (for SmolLM2-135M
-    that copy alone costs seconds on a busy 2-core machine). ``dtype`` None means fp32: the fastest CPU
-    decode path and the one the parity tests use.
-    """
-    from llmlab.model.checkpoint import _rebuild_buffers
-
-    dtype = dtype or torch.float32
-    state = {
-        k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in state.items()
-    }
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    check_state(model, state, source)
-    model.load_state_dict(state, strict=True, assign=True)
-    # Non-persistent buffers (RoPE tables, ALiBi slopes) were created on meta: rebuild them for real.
-    _rebuild_buffers(model)
-    return model.eval()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmlab.interop' has no attribute {name!r}")
 
 
-__all__ = ["build_model", "check_state"]
+__all__ = list(_LAZY)

@@ -170,9 +170,14 @@ def dequantize_tensor(tensor: Any, source: str) -> Tensor:
 
 
 def state_from_gguf(reader: Any, cfg: ModelConfig, source: str) -> dict[str, Tensor]:
+    from tqdm import tqdm
+
     state: dict[str, Tensor] = {}
-    for tensor in reader.tensors:
+    # A progress bar on a terminal only (disable=None): a 7B file takes minutes to dequantize.
+    for tensor in tqdm(reader.tensors, desc=f"dequantizing {Path(source).name}", unit="tensor", disable=None):
         parts = tensor.name.split(".")
+        if len(parts) != (4 if parts[0] == "blk" else 2):
+            raise CheckpointError(f"{source}: unexpected tensor '{tensor.name}'")
         if parts[0] == "blk":
             layer, base, suffix = parts[1], parts[2], parts[3]
             if base not in _BLOCK_NAMES:
@@ -294,7 +299,7 @@ def load_gguf(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
     """Load a ``.gguf`` file -> ``(Transformer, Tokenizer or None)`` (None when the file has no vocabulary)."""
-    from llmlab.interop import build_model
+    from llmlab.interop.build import build_model
 
     source = str(path)
     reader = open_gguf(path)

@@ -325,7 +325,7 @@ def load_hf(
     directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[Any, Any]:
     """Load an HF checkpoint dir -> ``(Transformer, Tokenizer or None)``."""
-    from llmlab.interop import build_model
+    from llmlab.interop.build import build_model
 
     directory = Path(directory)
     source = str(directory / CONFIG_FILE)
@@ -343,6 +343,10 @@ def load_hf_tokenizer(directory: str | Path) -> Any:
     if not (directory / TOKENIZER_FILE).is_file():
         return None
     tok = Tokenizer.from_file(directory)
+    if isinstance(tok.chat_template, list):
+        # Some repos store several named templates: [{"name": "default", "template": ...}, ...].
+        named = {t.get("name"): t.get("template") for t in tok.chat_template if isinstance(t, dict)}
+        tok.chat_template = named.get("default", next(iter(named.values()), None))
     gen = directory / GENERATION_CONFIG_FILE
     if gen.is_file():
         try:

@@ -17,7 +17,16 @@ from llmlab.errors import ConfigError
 
 
 class QuantLinear(nn.Module):
-    """Base of the frozen quantized linears: ``y = x @ dequantize(W).T + b``."""
+    """Base of the frozen quantized linears: ``y = x @ dequantize(W).T + b``.
+
+    Subclasses with a fused low-bit kernel use it only where it wins (measured on the 2-core AVX-512/AMX
+    CPU, see ``bench/quant.py``): bf16 activations and few rows, i.e. decode. PyTorch's int8/int4 CPU
+    kernels are 4-40x slower than the float GEMM with fp32 activations, and slower than "dequantize, then
+    one bf16 GEMM" for prefill-sized inputs (hundreds of rows), so those take the dequantize path.
+    """
+
+    use_kernel = True  # class-wide switch: False forces the dequantize-then-matmul reference path
+    kernel_max_rows = 256  # above this many input rows, dequantize + float GEMM is faster
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, bias_dtype: torch.dtype = torch.float32
@@ -48,6 +57,15 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of the stored weight (codes + scales + zeros), bias excluded."""
         return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "bias")
+
+    def kernel_ok(self, x: Tensor) -> bool:
+        """Whether the fused low-bit kernel (if the subclass has one) should run for input ``x``."""
+        return (
+            self.use_kernel
+            and x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
+            and x.numel() // self.in_features <= self.kernel_max_rows
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -4,7 +4,8 @@ Storage (portable, what the checkpoint holds): ``qweight`` uint8 ``[N, K/2]`` (t
 even column in the high nibble), ``scales`` fp16 ``[N, K/g]`` and ``zeros`` uint8 ``[N, K/g]`` (integer
 zero points, 8 when symmetric); ``W ~ (q - zero) * scale``.
 
-The forward uses PyTorch's CPU int4 GEMM (``aten._weight_int4pack_mm_for_cpu``, the "tinygemm" layout).
+For decode with bf16 activations the forward uses PyTorch's CPU int4 GEMM
+(``aten._weight_int4pack_mm_for_cpu``, the "tinygemm" layout; other inputs dequantize, see QuantLinear).
 That kernel computes ``(q - 8) * scale + bias_g`` per group, so our integer zero point becomes the float
 ``bias_g = (8 - zero) * scale``. Its packed layout is CPU-specific, so it is built from the portable
 codes on the first forward and kept outside the ``state_dict``.
@@ -19,7 +20,6 @@ from llmlab.errors import ConfigError
 from llmlab.quant.common import AffineQuantizer, QuantLinear, check_group_size
 
 GROUP_SIZES = (32, 64, 128, 256)
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def int4_quantizer(group_size: int, symmetric: bool = False) -> AffineQuantizer:
@@ -58,8 +58,6 @@ def dequantize_int4(
 
 class Int4Linear(QuantLinear):
     """Frozen linear with group-wise int4 weights (see the module docstring for the layout)."""
-
-    use_kernel = True  # class-wide switch: False forces the dequantize-then-matmul reference path
 
     def __init__(
         self,
@@ -132,14 +130,8 @@ class Int4Linear(QuantLinear):
         return cached
 
     def kernel_ok(self, x: Tensor) -> bool:
-        # The CPU kernel needs N % 16 == 0 (its tile width); other shapes take the reference path.
-        return (
-            self.use_kernel
-            and x.device.type == "cpu"
-            and x.dtype in _KERNEL_DTYPES
-            and self.out_features % 16 == 0
-            and self.group_size >= 32
-        )
+        # The CPU kernel also needs N % 16 == 0 (its tile width); other shapes take the reference path.
+        return super().kernel_ok(x) and self.out_features % 16 == 0
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.kernel_ok(x):

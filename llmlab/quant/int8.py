@@ -1,8 +1,9 @@
 """int8 weight-only quantization, symmetric, one scale per output channel.
 
-``W[n, :] ~ q[n, :] * scale[n]`` with ``q`` in [-127, 127]. The forward runs PyTorch's CPU int8 GEMM
-(``torch._weight_int8pack_mm``: int8 weights, float activations, per-channel scales applied in the kernel),
-which reads a quarter of the fp32 weight bytes; that is what makes batch-1 decode faster, not only smaller.
+``W[n, :] ~ q[n, :] * scale[n]`` with ``q`` in [-127, 127]. For decode with bf16 activations the forward
+runs PyTorch's CPU int8 GEMM (``torch._weight_int8pack_mm``: int8 weights, per-channel scales applied in
+the kernel), which reads a quarter of the fp32 weight bytes; that is what makes batch-1 decode faster, not
+only smaller. Other inputs dequantize and use the float GEMM (see :class:`QuantLinear`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.quant.common import AffineQuantizer, QuantLinear
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def int8_quantizer(in_features: int) -> AffineQuantizer:
@@ -33,8 +32,6 @@ def dequantize_int8(codes: Tensor, scales: Tensor, dtype: torch.dtype = torch.fl
 
 class Int8Linear(QuantLinear):
     """Frozen linear with int8 per-channel weights. Buffers: ``qweight`` (int8), ``scales`` (fp32), ``bias``."""
-
-    use_kernel = True  # class-wide switch: False forces the dequantize-then-matmul reference path
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bias_dtype=torch.float32):
         super().__init__(in_features, out_features, bias, bias_dtype)
@@ -62,7 +59,7 @@ class Int8Linear(QuantLinear):
         return dequantize_int8(self.qweight, self.scales, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (self.use_kernel and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES):
+        if not self.kernel_ok(x):
             return super().forward(x)
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales.to(x.dtype))
         y = y.reshape(*x.shape[:-1], self.out_features)

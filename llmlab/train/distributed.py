@@ -108,6 +108,9 @@ def barrier() -> None:
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state dict on CPU, with the user's parameter names. Collective."""
+    if not dist.is_initialized():
+        # One process: the module's own state dict (works for any module, quantized or adapted ones too).
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -133,6 +136,9 @@ def load_full_state(
     )
 
     opts = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, model_state, options=opts)
+    if dist.is_initialized():
+        set_model_state_dict(model, model_state, options=opts)
+    else:
+        unwrap(model).load_state_dict(model_state, strict=True)
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=opts)

@@ -17,6 +17,7 @@ rollback, and atomic, world-size-independent checkpoints that resume bit-exactly
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
@@ -34,6 +35,7 @@ from llmlab.errors import CheckpointError
 from llmlab.train import distributed as dist_utils
 from llmlab.train import state as st
 from llmlab.train.config import TrainConfig
+from llmlab.train.fused_ce import fused_linear_cross_entropy
 from llmlab.train.logging import PLOT_FILE, MetricsLogger, plot_loss_curve
 from llmlab.train.optim import build_optimizer, lr_at
 from llmlab.train.perf import measure_peak_tflops, mfu
@@ -55,14 +57,48 @@ MODEL_KWARGS = ("positions", "segment_ids", "attention_mask")
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-    """Next-token cross-entropy summed over ``labels != -100`` (labels are already shifted by the loader)."""
+    """Next-token cross-entropy summed over ``labels != -100`` (labels are already shifted by the loader).
+
+    For an llmlab Transformer with a plain output head (one process or DDP) the head matmul and the loss are
+    fused and chunked (:mod:`llmlab.train.fused_ce`); otherwise (FSDP, an adapted or quantized head, inside
+    ``torch.compile``, which fuses the plain path itself) full logits go through ``F.cross_entropy``.
+    """
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-    logits = model(batch["input_ids"], **kwargs)
     labels = batch["labels"]
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    weight = None if torch.compiler.is_compiling() else _plain_head_weight(model)
+    if weight is not None:
+        hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
+        loss_sum = fused_linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1)
+        )
+    else:
+        logits = model(batch["input_ids"], **kwargs)
+        loss_sum = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
     return LossOutput(loss_sum, float((labels != -100).sum()))
+
+
+def _plain_head_weight(model: nn.Module) -> Tensor | None:
+    """The output-head weight when ``model`` computes logits as ``hidden @ weight.T`` and nothing else."""
+    from llmlab.model.transformer import Transformer
+
+    inner = dist_utils.unwrap(model)
+    if not isinstance(inner, Transformer) or hasattr(inner, "reshard"):  # FSDP2 modules have .reshard()
+        return None
+    head = inner.lm_head
+    if head is None:
+        weight = inner.embed_tokens.weight
+    elif type(head) is nn.Linear and head.bias is None:
+        weight = head.weight
+    else:
+        return None  # LoRA / quantized / biased heads keep their own forward
+    if type(weight) is not nn.Parameter and type(weight) is not Tensor:  # DTensor or a quantized tensor
+        return None
+    return weight
 
 
 class _StateView:
@@ -109,6 +145,9 @@ class Trainer:
         self.wrapped = dist_utils.wrap_model(self.model, self.dist, cfg.parallel)
         self.forward_model = self.wrapped
         if cfg.compile:
+            # RoPE's table-length check (``int(positions.max())``) is a known, harmless graph break: one
+            # extra graph per step. Keep dynamo's multi-line warning about it out of the user's console.
+            logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
             if loss_fn is None:
                 # Compile the model and the cross-entropy as one graph: inductor fuses the norms, RoPE, SwiGLU
                 # and the log-softmax, which on CPU are a large share of a small model's step.
@@ -180,7 +219,7 @@ class Trainer:
                 out.loss_sum.backward()
             loss_total += out.loss_sum.detach().double()
             weight_total += float(out.weight)
-            tokens += int(batch["input_ids"].numel()) if "input_ids" in batch else 0
+            tokens += _count_tokens(batch)
             for k, v in out.metrics.items():
                 metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * float(out.weight)
 
@@ -194,9 +233,11 @@ class Trainer:
         grads = [p.grad for p in self._trainable() if p.grad is not None]
         if weight_g > 0:
             scale = self.dist.world_size / weight_g
-            torch._foreach_mul_(grads, scale) if grads and _foreach_ok(grads) else [
-                g.mul_(scale) for g in grads
-            ]
+            if grads and _foreach_ok(grads):
+                torch._foreach_mul_(grads, scale)
+            else:
+                for g in grads:
+                    g.mul_(scale)
         grad_norm = self._clip()
 
         reason = self._guard(loss, grad_norm)
@@ -241,7 +282,9 @@ class Trainer:
         if not math.isfinite(grad_norm):
             return "non-finite grad norm"
         cfg = self.cfg
-        if cfg.spike_factor > 0 and len(self.loss_history) >= cfg.spike_min_history:
+        # The ratio test needs a positive loss scale (CE, DPO); RL objectives that go negative skip it.
+        history = self.loss_history
+        if cfg.spike_factor > 0 and len(history) >= cfg.spike_min_history and min(history) > 0:
             median = statistics.median(self.loss_history)
             if loss > cfg.spike_factor * median:
                 return f"loss spike ({loss:.4g} > {cfg.spike_factor} x median {median:.4g})"
@@ -454,6 +497,11 @@ class Trainer:
             self.train_source.load_state_dict(trainer_state["data"])
         if restore_rng:
             st.set_rng_state(trainer_state["rng"])
+
+
+def _count_tokens(batch: dict[str, Any]) -> int:
+    """Tokens a micro-batch feeds the model: every ``*input_ids`` tensor (e.g. chosen + rejected for DPO)."""
+    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids") and isinstance(v, Tensor))
 
 
 def _foreach_ok(tensors: list[Tensor]) -> bool:
