@@ -154,7 +154,7 @@ def grpo_outcome(
     return m
 
 
-def ppo_outcome(sft, tok, out: Path) -> dict:
+def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
     from llmlab.align.ppo import PPOConfig, run_ppo
     from llmlab.align.reward_model import RMConfig, run_reward_model
 
@@ -192,8 +192,8 @@ def ppo_outcome(sft, tok, out: Path) -> dict:
     )
     cfg.train = quiet(
         TrainConfig(
-            lr=5e-5,
-            min_lr=5e-5,
+            lr=lr,
+            min_lr=lr,
             warmup_steps=0,
             max_steps=40,
             batch_size=16,
@@ -206,17 +206,17 @@ def ppo_outcome(sft, tok, out: Path) -> dict:
         )
     )
     t = time.perf_counter()
-    m = run_ppo(cfg, out / "ppo", model=copy.deepcopy(sft), tokenizer=tok, progress=False)
+    m = run_ppo(cfg, out / f"ppo{tag}", model=copy.deepcopy(sft), tokenizer=tok, progress=False)
     m["seconds"] = time.perf_counter() - t
     m["rm_heldout_accuracy"] = rm_metrics["heldout_accuracy"]
-    hist = [json.loads(x) for x in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    hist = [json.loads(x) for x in (out / f"ppo{tag}" / "metrics.jsonl").read_text().splitlines()]
     scores = [h["score"] for h in hist if "score" in h]
     m["score_first5"] = sum(scores[:5]) / max(len(scores[:5]), 1)
     m["score_last5"] = sum(scores[-5:]) / max(len(scores[-5:]), 1)
     return m
 
 
-def hack_outcome(sft, tok, out: Path) -> dict:
+def hack_outcome(sft, tok, out: Path, lr: float = 1e-4, tag: str = "") -> dict:
     from llmlab.align.ppo import PPOConfig, run_ppo
 
     res = {}
@@ -237,8 +237,8 @@ def hack_outcome(sft, tok, out: Path) -> dict:
         )
         cfg.train = quiet(
             TrainConfig(
-                lr=1e-4,
-                min_lr=1e-4,
+                lr=lr,
+                min_lr=lr,
                 warmup_steps=0,
                 max_steps=40,
                 batch_size=16,
@@ -250,8 +250,12 @@ def hack_outcome(sft, tok, out: Path) -> dict:
                 schedule="constant",
             )
         )
-        m = run_ppo(cfg, out / f"hack_beta{beta}", model=copy.deepcopy(sft), tokenizer=tok, progress=False)
-        hist = [json.loads(x) for x in (out / f"hack_beta{beta}" / "metrics.jsonl").read_text().splitlines()]
+        m = run_ppo(
+            cfg, out / f"hack{tag}_beta{beta}", model=copy.deepcopy(sft), tokenizer=tok, progress=False
+        )
+        hist = [
+            json.loads(x) for x in (out / f"hack{tag}_beta{beta}" / "metrics.jsonl").read_text().splitlines()
+        ]
         h = [x for x in hist if "score" in x]
         res[f"beta={beta}"] = {
             "proxy_first5": sum(x["score"] for x in h[:5]) / 5,
@@ -314,6 +318,8 @@ if __name__ == "__main__":
         "dpo": dpo_outcome,
         "dpo_plain": lambda s, t, o: dpo_outcome(s, t, o, 3e-4, 0.0, 0.1),
         "grpo_all": lambda s, t, o: grpo_outcome(s, t, o, "tasks", 1.0),
+        "ppo_fast": lambda s, t, o: ppo_outcome(s, t, o, 2e-4, "_lr2e-4"),
+        "hack_fast": lambda s, t, o: hack_outcome(s, t, o, 5e-4, "_lr5e-4"),
         "grpo": grpo_outcome,
         "ppo": ppo_outcome,
         "hack": hack_outcome,

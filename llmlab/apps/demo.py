@@ -164,7 +164,8 @@ def fit_budget(trainer, seconds: float, probe_steps: int = 5) -> None:
 
     start = time.perf_counter()
     step()  # untimed: includes torch.compile's first compilation
-    print(f"[demo] first step (compilation included) took {time.perf_counter() - start:.0f}s")
+    if cfg.compile:
+        print(f"[demo] first step (torch.compile included) took {time.perf_counter() - start:.0f}s")
     t0 = time.perf_counter()
     for _ in range(probe_steps):
         step()
