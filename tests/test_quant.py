@@ -77,6 +77,23 @@ def test_int4_roundtrip_error_is_half_a_step(group_size, symmetric):
     assert _rel(dequantize_int4(codes, scales, zeros), w) < (0.12 if symmetric else 0.1)
 
 
+def test_float_zero_reproduces_a_q4_1_grid_exactly():
+    """llama.cpp's Q4_1 stores w = q * d + m per 32 weights (fp16 d, m): float-zero int4 with group 32
+    re-quantizes such weights losslessly, where an integer zero point re-rounds them."""
+    torch.manual_seed(0)
+    d = (torch.rand(64, 8, 1) * 0.01 + 1e-3).half().float()
+    m = (-torch.rand(64, 8, 1) * 0.05).half().float()
+    q = torch.randint(0, 16, (64, 8, 32)).float()
+    q[..., 0], q[..., 1] = 0, 15  # every block uses its full range, as Q4_1's min/max fit does
+    w = (q * d + m).reshape(64, 256)
+    exact = Int4Linear.from_weight(w, group_size=32, float_zero=True)
+    assert torch.equal(exact.dequantize(), w)
+    assert exact.offsets.dtype == torch.float16 and not hasattr(exact, "zeros")
+    assert _rel(Int4Linear.from_weight(w, group_size=32).dequantize(), w) > 0.01
+    x = torch.randn(3, 256).bfloat16()  # the CPU kernel takes the float offset natively
+    assert exact.kernel_ok(x) and _rel(exact(x).float(), linear_reference(exact, x.float())) < 1e-2
+
+
 def test_smaller_groups_are_more_accurate():
     torch.manual_seed(0)
     w = torch.randn(64, 512) * torch.linspace(0.1, 3, 512)  # columns of growing scale
@@ -223,11 +240,13 @@ CONFIGS = {
     "int8": QuantConfig(scheme="int8"),
     "int4-g32": QuantConfig(scheme="int4", group_size=32),
     "int4-g64-sym": QuantConfig(scheme="int4", group_size=64, symmetric=True),
+    "int4-g32-float-zero": QuantConfig(scheme="int4", group_size=32, float_zero=True),
     "nf4": QuantConfig(scheme="nf4", group_size=64),
     "int4-gptq-awq": QuantConfig(
         scheme="int4", group_size=32, gptq=True, awq=True, act_order=True, awq_grid=4
     ),
     "int8-gptq": QuantConfig(scheme="int8", gptq=True),
+    "int4-gptq-float-zero": QuantConfig(scheme="int4", group_size=32, gptq=True, float_zero=True),
 }
 
 

@@ -26,6 +26,12 @@ def register(subparsers: Any) -> None:
         help="int4 group (32/64/128/256, default 128) or NF4 block (64)",
     )
     p.add_argument("--symmetric", action="store_true", default=None, help="int4: symmetric (no zero point)")
+    p.add_argument(
+        "--float-zero",
+        action="store_true",
+        default=None,
+        help="int4: fp16 group minimum as offset instead of an integer zero point (Q4_1-style)",
+    )
     p.add_argument("--gptq", action="store_true", default=None, help="GPTQ error compensation (int8/int4)")
     p.add_argument(
         "--act-order", action="store_true", default=None, help="GPTQ: quantize large-activation columns first"
@@ -53,6 +59,7 @@ _FLAG_KEYS = {
     "scheme": "scheme",
     "group_size": "group_size",
     "symmetric": "symmetric",
+    "float_zero": "float_zero",
     "gptq": "gptq",
     "act_order": "act_order",
     "awq": "awq",

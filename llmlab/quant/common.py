@@ -91,7 +91,9 @@ class AffineQuantizer:
 
     One (scale, zero) pair per output row and per group of ``group_size`` input columns. Symmetric
     quantization fixes the zero point at the middle of the range; asymmetric stretches ``[min, max]`` of
-    each group (always including 0, so zero is exactly representable) over the full range. Used by
+    each group (always including 0, so zero is exactly representable) over the full range; with
+    ``float_zero`` it stretches exactly ``[min, max]`` and the zero point is ``-min / scale`` unrounded
+    (``w ~ q * scale + min``, llama.cpp's Q4_1 and the CPU int4 kernel's native form). Used by
     round-to-nearest and by GPTQ, which calls :meth:`fit` once per group and :meth:`quantize` per column.
     """
 
@@ -100,6 +102,7 @@ class AffineQuantizer:
     symmetric: bool
     group_size: int
     scale_dtype: torch.dtype | None = None  # storage dtype of the scales (e.g. fp16); None: fp32
+    float_zero: bool = False  # asymmetric only: zero = -min/scale, not rounded to an integer
 
     def _stored_scale(self, scale: Tensor) -> Tensor:
         """Round scales up to the storage dtype, so the grid still covers [min, max] and codes are computed
@@ -122,6 +125,15 @@ class AffineQuantizer:
             amax = w.abs().amax(dim=1)
             scale = self._stored_scale(amax / (self.qmax - self.mid))
             zero = torch.full_like(scale, float(self.mid))
+        elif self.float_zero:
+            wmin = w.amin(dim=1)
+            if self.scale_dtype is not None:
+                wmin = wmin.to(self.scale_dtype).float()  # the offset is stored in the scales' dtype
+            scale = (w.amax(dim=1) - wmin) / (self.qmax - self.qmin)
+            # Nearest (not rounded-up) storage value: grids that were fp16 to begin with (a Q4_1 GGUF's)
+            # are then reproduced exactly; the top code may overshoot the max by a few fp16 ulps.
+            scale = scale.to(self.scale_dtype).float() if self.scale_dtype is not None else scale
+            zero = self.qmin - wmin / torch.where(scale > 0, scale, torch.ones_like(scale))
         else:
             wmin = w.amin(dim=1).clamp(max=0)
             wmax = w.amax(dim=1).clamp(min=0)
@@ -134,7 +146,7 @@ class AffineQuantizer:
         """Integer codes (as float) of ``w [N, ...]`` with per-row ``scale``/``zero`` broadcast on dim 0."""
         shape = (-1,) + (1,) * (w.dim() - 1)
         return torch.clamp(
-            torch.round(w.float() / scale.view(shape)) + zero.view(shape), self.qmin, self.qmax
+            torch.round(w.float() / scale.view(shape) + zero.view(shape)), self.qmin, self.qmax
         )
 
     @staticmethod

@@ -22,10 +22,15 @@ from llmlab.quant.common import AffineQuantizer, QuantLinear, check_group_size
 GROUP_SIZES = (32, 64, 128, 256)
 
 
-def int4_quantizer(group_size: int, symmetric: bool = False) -> AffineQuantizer:
+def int4_quantizer(group_size: int, symmetric: bool = False, float_zero: bool = False) -> AffineQuantizer:
     """Codes 0..15 with fp16 scales (codes are computed against the stored fp16 value)."""
     return AffineQuantizer(
-        qmin=0, qmax=15, symmetric=symmetric, group_size=group_size, scale_dtype=torch.float16
+        qmin=0,
+        qmax=15,
+        symmetric=symmetric,
+        group_size=group_size,
+        scale_dtype=torch.float16,
+        float_zero=float_zero and not symmetric,
     )
 
 
@@ -40,12 +45,20 @@ def unpack_int4(packed: Tensor) -> Tensor:
 
 
 def quantize_int4(
-    weight: Tensor, group_size: int = 128, symmetric: bool = False
+    weight: Tensor, group_size: int = 128, symmetric: bool = False, float_zero: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Round-to-nearest ``[N, K]`` -> (codes ``[N, K]`` uint8, scales fp16 ``[N, K/g]``, zeros uint8)."""
+    """Round-to-nearest ``[N, K]`` -> (codes ``[N, K]`` uint8, scales fp16 ``[N, K/g]``, zero points).
+
+    Zero points are uint8 integers, or fp32 (``-min / scale``) with ``float_zero``.
+    """
     check_group_size(weight.shape[1], group_size)
-    codes, scales, zeros = int4_quantizer(group_size, symmetric).quantize_matrix(weight.detach())
-    return codes.to(torch.uint8), scales.to(torch.float16), zeros.to(torch.uint8)
+    quantizer = int4_quantizer(group_size, symmetric, float_zero)
+    codes, scales, zeros = quantizer.quantize_matrix(weight.detach())
+    return (
+        codes.to(torch.uint8),
+        scales.to(torch.float16),
+        zeros if quantizer.float_zero else zeros.to(torch.uint8),
+    )
 
 
 def dequantize_int4(
@@ -66,6 +79,7 @@ class Int4Linear(QuantLinear):
         bias: bool = False,
         group_size: int = 128,
         symmetric: bool = False,
+        float_zero: bool = False,
         bias_dtype=torch.float32,
     ):
         super().__init__(in_features, out_features, bias, bias_dtype)
@@ -74,10 +88,15 @@ class Int4Linear(QuantLinear):
             raise ConfigError(f"int4 needs an even in_features, got {in_features}")
         self.group_size = group_size
         self.symmetric = symmetric
+        self.float_zero = float_zero and not symmetric
         groups = in_features // group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.full((out_features, groups), 8, dtype=torch.uint8))
+        if self.float_zero:
+            # w = q * scale + offset (offset = the group minimum, fp16), as llama.cpp's Q4_1.
+            self.register_buffer("offsets", torch.zeros(out_features, groups, dtype=torch.float16))
+        else:
+            self.register_buffer("zeros", torch.full((out_features, groups), 8, dtype=torch.uint8))
         self._kernel_cache: dict[torch.dtype, tuple[Tensor, Tensor]] = {}
 
     @classmethod
@@ -88,31 +107,47 @@ class Int4Linear(QuantLinear):
         zeros: Tensor,
         bias: Tensor | None = None,
         symmetric: bool = False,
+        float_zero: bool = False,
     ) -> Int4Linear:
         N, K = codes.shape
-        module = cls(K, N, bias is not None, group_size=K // scales.shape[1], symmetric=symmetric)
+        module = cls(K, N, bias is not None, K // scales.shape[1], symmetric, float_zero)
         module.qweight.copy_(pack_int4(codes))
         module.scales.copy_(scales.to(torch.float16))
-        module.zeros.copy_(zeros.to(torch.uint8))
+        if module.float_zero:
+            module.offsets.copy_((-zeros.float() * scales.float()).to(torch.float16))
+        else:
+            module.zeros.copy_(zeros.to(torch.uint8))
         if bias is not None:
             module.bias.copy_(bias.detach().float())
         return module
 
     @classmethod
     def from_weight(
-        cls, weight: Tensor, bias: Tensor | None = None, group_size: int = 128, symmetric: bool = False
+        cls,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        group_size: int = 128,
+        symmetric: bool = False,
+        float_zero: bool = False,
     ) -> Int4Linear:
-        codes, scales, zeros = quantize_int4(weight, group_size, symmetric)
-        return cls.from_codes(codes, scales, zeros, bias, symmetric)
+        codes, scales, zeros = quantize_int4(weight, group_size, symmetric, float_zero)
+        return cls.from_codes(codes, scales, zeros, bias, symmetric, float_zero)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False) -> Int4Linear:
-        return cls.from_weight(linear.weight, linear.bias, group_size, symmetric)
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 128, symmetric: bool = False, float_zero: bool = False
+    ) -> Int4Linear:
+        return cls.from_weight(linear.weight, linear.bias, group_size, symmetric, float_zero)
 
     def codes(self) -> Tensor:
         return unpack_int4(self.qweight)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        if self.float_zero:
+            g = self.group_size
+            q = self.codes().float().reshape(self.out_features, -1, g)
+            w = q * self.scales.float()[..., None] + self.offsets.float()[..., None]
+            return w.reshape(self.out_features, self.in_features).to(dtype)
         return dequantize_int4(self.codes(), self.scales, self.zeros, dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -124,7 +159,11 @@ class Int4Linear(QuantLinear):
         if cached is None:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes().to(torch.int32), 2)
             scale = self.scales.float()
-            bias_g = (8 - self.zeros.float()) * scale
+            # The kernel computes (q - 8) * scale + bias_g.
+            if self.float_zero:
+                bias_g = 8 * scale + self.offsets.float()
+            else:
+                bias_g = (8 - self.zeros.float()) * scale
             scale_and_zero = torch.stack([scale.t(), bias_g.t()], dim=-1).contiguous().to(dtype)
             cached = self._kernel_cache[dtype] = (packed, scale_and_zero)
         return cached
@@ -144,4 +183,7 @@ class Int4Linear(QuantLinear):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}, symmetric={self.symmetric}"
+        zero = "float" if self.float_zero else "int"
+        return (
+            f"{super().extra_repr()}, group_size={self.group_size}, symmetric={self.symmetric}, zero={zero}"
+        )

@@ -42,6 +42,7 @@ class QuantConfig:
     scheme: str = "int8"
     group_size: int | None = None
     symmetric: bool = False  # int4 only; int8 is always symmetric, NF4 has no zero point
+    float_zero: bool = False  # int4 asymmetric: w = q * scale + min (fp16 offset) instead of an integer zero
     double_quant: bool = True  # NF4: quantize the block maxima again (QLoRA)
     include_head: bool = False  # also quantize an untied lm_head
     gptq: bool = False
@@ -103,7 +104,7 @@ def make_quant_linear(
         return Int8Linear.from_weight(weight, bias)
     if cfg.scheme == "int4":
         check_group_size(weight.shape[1], cfg.group_size, name)
-        return Int4Linear.from_weight(weight, bias, cfg.group_size, cfg.symmetric)
+        return Int4Linear.from_weight(weight, bias, cfg.group_size, cfg.symmetric, cfg.float_zero)
     return NF4Linear.from_weight(weight, bias, cfg.group_size, cfg.double_quant)
 
 
@@ -116,7 +117,7 @@ def fake_quantize(weight: Tensor, cfg: QuantConfig) -> Tensor:
     if cfg.scheme == "int8":
         return dequantize_int8(*quantize_int8(weight))
     if cfg.scheme == "int4":
-        return dequantize_int4(*quantize_int4(weight, cfg.group_size, cfg.symmetric))
+        return dequantize_int4(*quantize_int4(weight, cfg.group_size, cfg.symmetric, cfg.float_zero))
     return dequantize_nf4(quantize_nf4(weight, cfg.group_size, cfg.double_quant))
 
 
@@ -129,7 +130,7 @@ def empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: Qua
     if cfg.scheme == "int8":
         return Int8Linear(in_features, out_features, bias)
     if cfg.scheme == "int4":
-        return Int4Linear(in_features, out_features, bias, cfg.group_size, cfg.symmetric)
+        return Int4Linear(in_features, out_features, bias, cfg.group_size, cfg.symmetric, cfg.float_zero)
     return NF4Linear(in_features, out_features, bias, cfg.group_size, cfg.double_quant)
 
 
@@ -272,7 +273,7 @@ def _quantize_block(block: nn.Module, xs, cfg: QuantConfig) -> None:
         lin = block.get_submodule(name)
         bias = lin.bias.detach() if lin.bias is not None else None
         if cfg.scheme == "int4":
-            quantizer = int4_quantizer(cfg.group_size, cfg.symmetric)
+            quantizer = int4_quantizer(cfg.group_size, cfg.symmetric, cfg.float_zero)
         else:
             quantizer = int8_quantizer(lin.in_features)
         codes, scales, zeros = gptq_quantize(
@@ -284,7 +285,7 @@ def _quantize_block(block: nn.Module, xs, cfg: QuantConfig) -> None:
             cfg.act_order,
         )
         if cfg.scheme == "int4":
-            module = Int4Linear.from_codes(codes, scales, zeros, bias, cfg.symmetric)
+            module = Int4Linear.from_codes(codes, scales, zeros, bias, cfg.symmetric, cfg.float_zero)
         else:
             module = Int8Linear.from_codes(codes, scales[:, 0], bias)
         _set_module(block, name, module)
