@@ -56,6 +56,10 @@ PPL_CONFIGS = {
     "int4-g64+awq+gptq": dict(scheme="int4", group_size=64, awq=True, gptq=True),
     "int4-g32+gptq": dict(scheme="int4", group_size=32, gptq=True),
     "nf4-b64": dict(scheme="nf4", group_size=64),
+    # Float zero points (w = q * scale + min): the grid of llama.cpp's Q4_1, which SmolLM2's GGUF uses.
+    "int4-g32-fz": dict(scheme="int4", group_size=32, float_zero=True),
+    "int4-g64-fz": dict(scheme="int4", group_size=64, float_zero=True),
+    "int4-g64-fz+gptq": dict(scheme="int4", group_size=64, float_zero=True, gptq=True),
 }
 
 
@@ -73,7 +77,8 @@ def bench_ppl(args: argparse.Namespace) -> dict:
         )
 
     results = {}
-    ref = ppl(base)
+    # --ref-ppl reuses a float perplexity measured earlier with the same settings (it is deterministic).
+    ref = ppl(base) if args.ref_ppl is None else {"ppl": args.ref_ppl, "bits_per_byte": float("nan")}
     results["fp32"] = {
         "ppl": ref["ppl"],
         "bpb": ref["bits_per_byte"],
@@ -213,6 +218,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="ppl: windows per forward")
     parser.add_argument("--calib-samples", type=int, default=32, help="ppl: GPTQ/AWQ calibration windows")
     parser.add_argument("--calib-seq-len", type=int, default=256, help="ppl: tokens per calibration window")
+    parser.add_argument("--ref-ppl", type=float, default=None, help="ppl: skip the float run, use this value")
     parser.add_argument("--configs", default=None, help=f"ppl: comma list of {', '.join(PPL_CONFIGS)}")
     parser.add_argument("--repeats", type=int, default=50, help="speed: timed repeats per GEMV")
     parser.add_argument("--decode-steps", type=int, default=32, help="speed: decode steps timed")

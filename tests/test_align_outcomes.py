@@ -216,7 +216,7 @@ def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
     return m
 
 
-def hack_outcome(sft, tok, out: Path, lr: float = 1e-4, tag: str = "") -> dict:
+def hack_outcome(sft, tok, out: Path, lr: float = 5e-4, tag: str = "") -> dict:
     from llmlab.align.ppo import PPOConfig, run_ppo
 
     res = {}
@@ -319,7 +319,7 @@ if __name__ == "__main__":
         "dpo_plain": lambda s, t, o: dpo_outcome(s, t, o, 3e-4, 0.0, 0.1),
         "grpo_all": lambda s, t, o: grpo_outcome(s, t, o, "tasks", 1.0),
         "ppo_fast": lambda s, t, o: ppo_outcome(s, t, o, 2e-4, "_lr2e-4"),
-        "hack_fast": lambda s, t, o: hack_outcome(s, t, o, 5e-4, "_lr5e-4"),
+        "hack_slow_lr": lambda s, t, o: hack_outcome(s, t, o, 1e-4, "_lr1e-4"),
         "grpo": grpo_outcome,
         "ppo": ppo_outcome,
         "hack": hack_outcome,

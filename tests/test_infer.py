@@ -88,6 +88,25 @@ def test_fast_path_is_token_identical_and_tracks_weight_updates():
     assert [o.token_ids for o in fast.generate(ps)] == [o.token_ids for o in slow.generate(ps)]
 
 
+def test_fused_optimizer_steps_are_seen_by_a_borrowed_engine():
+    """Fused AdamW updates parameters without bumping their version counters; RL rollouts must still see
+    the new weights (stale fused copies would silently make PPO/GRPO off-policy)."""
+    m = model(seed=4)
+    ps = prompts(2, seed=4)
+    llm = LLM.from_model(m, None)
+    llm.generate(ps, SamplingParams(max_tokens=4))  # builds the fused weights
+    opt = torch.optim.AdamW(m.parameters(), lr=0.05, fused=True)
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in m.parameters()]
+    opt.step()
+    assert [p._version for p in m.parameters()] == versions  # the reason for the explicit refresh
+    got = llm.generate(ps, SamplingParams(max_tokens=6, logprobs=True))
+    want = LLM.from_model(m, None, fast=False).generate(ps, SamplingParams(max_tokens=6, logprobs=True))
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    torch.testing.assert_close(torch.tensor(got[0].logprobs), torch.tensor(want[0].logprobs), atol=1e-4, rtol=0)
+
+
 def test_generating_from_a_training_policy_uses_eval_mode_and_restores_it():
     m = model(dropout=0.5)
     ps = prompts(2, seed=12)

@@ -160,7 +160,7 @@ def _correlated_inputs(n: int, k: int, rank: int = 16, seed: int = 0) -> torch.T
     return torch.randn(n, rank, generator=g) @ mix.T + 0.1 * torch.randn(n, k, generator=g)
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int4-sym", "int8"])
+@pytest.mark.parametrize("scheme", ["int4", "int4-sym", "int4-float-zero", "int8"])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme, act_order):
     torch.manual_seed(1)
@@ -173,7 +173,7 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme, act_order):
     if scheme == "int8":
         quantizer = int8_quantizer(K)
     else:
-        quantizer = int4_quantizer(64, symmetric=scheme == "int4-sym")
+        quantizer = int4_quantizer(64, symmetric=scheme == "int4-sym", float_zero=scheme == "int4-float-zero")
     rtn = quantizer.dequantize_matrix(*quantizer.quantize_matrix(w))
     codes, scales, zeros = gptq_quantize(w, acc.hessian(), quantizer, act_order=act_order)
     assert codes.min() >= quantizer.qmin and codes.max() <= quantizer.qmax

@@ -85,6 +85,7 @@ def test_sft_run_writes_artifacts_and_report(base_dir, tmp_path, peft):
         assert not torch.allclose(tuned(ids), base(ids))
     else:
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        assert (out / "metrics.jsonl").is_file() and list(out.glob("ckpt-*"))  # logs and checkpoints kept
         assert report["params"]["trainable"] < report["params"]["params"] / 2
         if peft == "qlora":
             q = report["qlora_memory"]

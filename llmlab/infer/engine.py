@@ -129,6 +129,7 @@ class LLM:
         _check_options(options, extra=("adapter",))
         model, loaded_tok = _load(path, options.pop("adapter", None))
         self._setup(model, tokenizer or loaded_tok, **options)
+        self._borrowed_model = False
 
     @classmethod
     def from_model(cls, model: nn.Module, tokenizer: Any = None, **options: Any) -> LLM:
@@ -138,6 +139,7 @@ class LLM:
         _check_options(options)
         self = cls.__new__(cls)
         self._setup(model, tokenizer, **options)
+        self._borrowed_model = True
         return self
 
     def _setup(
@@ -319,6 +321,11 @@ class LLM:
         Returns a snapshot (with deltas) of every request that produced a token this step.
         """
         touched: list[_Request] = []
+        if not self.running and self.fast is not None and self._borrowed_model:
+            # A borrowed model (from_model) may have been trained since the last batch. Fused optimizers
+            # update parameters without bumping their version counters, so the fast path's cheap staleness
+            # check cannot see it: re-fuse the weights whenever a new batch of work starts.
+            self.fast.invalidate()
         prefilled = self._admit(touched)
         decoding = [r for r in self.running if r not in prefilled]
         if decoding:

@@ -147,6 +147,10 @@ class FastDecoder:
             return False
         return all((p._version, p.data_ptr()) == v for p, v in zip(self._params, self._versions, strict=True))
 
+    def invalidate(self) -> None:
+        """Forget the fused weights; the next forward rebuilds them from the model's parameters."""
+        self._params = None
+
     def usable(self, model: nn.Module) -> bool:
         """True when the fused weights match the model (rebuilding them if its parameters changed)."""
         if model.training:

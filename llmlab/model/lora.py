@@ -255,10 +255,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format), atomically."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format), each atomically."""
     from safetensors.torch import save_file
 
-    from llmlab.model.checkpoint import atomic_write_dir
+    from llmlab.model.checkpoint import atomic_write_file
 
     layers = list(lora_layers(model))
     if not layers:
@@ -290,12 +290,16 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
         "revision": None,
     }
     state = adapter_state_dict(model)
-
-    def write(tmp: Path) -> None:
-        save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-    return atomic_write_dir(directory, write)
+    directory = Path(directory)
+    # File by file (weights first, config last), never replacing the directory: an SFT run keeps its logs
+    # and resumable checkpoints beside the adapter.
+    atomic_write_file(
+        directory / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"})
+    )
+    atomic_write_file(
+        directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    )
+    return directory
 
 
 def read_adapter_config(directory: str | Path) -> LoRAConfig:
