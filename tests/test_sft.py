@@ -223,4 +223,6 @@ def test_mask_with_real_smollm2_tokenizer_and_template(smollm2_gguf):
     assert tok.chat_template and "SmolLM" in tok.chat_template
     ex = tokenize_chat(tok, CHAT[1:])  # the tokenizer's own template
     assert counted_text(tok, ex.input_ids, ex.labels).replace("·", "") == "Hello!<|im_end|>It is 4.<|im_end|>"
-    assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert tok.decode(ex.input_ids).startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM"
+    )

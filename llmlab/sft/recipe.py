@@ -613,7 +613,8 @@ def format_report(report: dict[str, Any]) -> str:
             if report["train"]["early_stopped_at"]
             else ""
         )
-        + f", {report['train']['tokens_per_s']:.0f} tokens/s, peak RSS {report['peak_rss_mb']:.0f} MB",
+        + f", {report['train']['tokens_per_s']:.0f} tokens/s (evals and saves included)"
+        + f", peak RSS {report['peak_rss_mb']:.0f} MB",
         f"  SFT val loss      {f(b.get('sft_val_loss'))} -> {f(a.get('sft_val_loss'))}",
         f"  general-text loss {f(b.get('general_loss'))} -> {f(a.get('general_loss'))}"
         f" ({f(report.get('general_loss_rise_pct'))} %)",
