@@ -90,6 +90,7 @@ def test_sft_run_writes_artifacts_and_report(base_dir, tmp_path, peft):
         if peft == "qlora":
             q = report["qlora_memory"]
             assert 3.5 < q["bf16_bytes"] / q["nf4_bytes"] < 4.0
+            assert report["before"]["general_loss_nf4"] != report["before"]["general_loss"]
         else:
             tuned = apply_adapter(base, out)
             assert not torch.allclose(tuned(ids), load_checkpoint(base_dir)[0](ids))

@@ -506,6 +506,9 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         report["qlora_memory"] = quantize_for_qlora(
             model, cfg.lora.targets, cfg.qlora_block_size, cfg.qlora_double_quant
         )
+        # The NF4 base itself, before any training: separates quantization error from what SFT changes.
+        report["before"]["sft_val_loss_nf4"] = mean_loss(model, val_batches) if val_batches else None
+        report["before"]["general_loss_nf4"] = mean_loss(model, general)
     if cfg.peft in ("lora", "qlora"):
         apply_lora(model, cfg.lora)
     else:
@@ -622,6 +625,11 @@ def format_report(report: dict[str, Any]) -> str:
     if "tasks" in a:
         before_em = b["tasks"]["exact_match"] if "tasks" in b else None
         lines.append(f"  task exact match  {f(before_em)} -> {f(a['tasks']['exact_match'])}")
+    if "general_loss_nf4" in b:
+        lines.append(
+            f"  NF4-quantized base before training: SFT val loss {f(b.get('sft_val_loss_nf4'))}, "
+            f"general-text loss {f(b['general_loss_nf4'])}"
+        )
     if "qlora_memory" in report:
         q = report["qlora_memory"]
         lines.append(
