@@ -9,7 +9,8 @@ Public entry points (imported lazily so ``import llmlab`` stays fast):
 from __future__ import annotations
 
 import os
-from typing import Any
+
+from llmlab.lazy import lazy_exports
 
 # Nothing in llmlab may reach a model hub at run time.
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -18,22 +19,14 @@ for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": ("llmlab.loading", "load"),
-    "LLM": ("llmlab.infer", "LLM"),
-    "SamplingParams": ("llmlab.infer", "SamplingParams"),
-    "Transformer": ("llmlab.model", "Transformer"),
-    "ModelConfig": ("llmlab.model", "ModelConfig"),
-    "Tokenizer": ("llmlab.tokenizer", "Tokenizer"),
+    "load": "llmlab.loading",
+    "LLM": "llmlab.infer",
+    "SamplingParams": "llmlab.infer",
+    "Transformer": "llmlab.model",
+    "ModelConfig": "llmlab.model",
+    "Tokenizer": "llmlab.tokenizer",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
-    raise AttributeError(f"module 'llmlab' has no attribute {name!r}")
-
+__getattr__ = lazy_exports("llmlab", _LAZY)
 
 __all__ = list(_LAZY)

@@ -34,7 +34,12 @@ def test_preset_then_yaml_then_overrides(tmp_path):
     y.write_text("inner:\n  lr: 0.5\nflag: true\n")
     cfg = build_config(Outer, PRESETS, "fast", y, ["inner.steps=7", "tags=a,b", "window=null"])
     assert (cfg.name, cfg.inner.lr, cfg.inner.steps, cfg.flag, cfg.tags, cfg.window) == (
-        "fast", 0.5, 7, True, ["a", "b"], None
+        "fast",
+        0.5,
+        7,
+        True,
+        ["a", "b"],
+        None,
     )
     assert PRESETS["fast"].inner.steps == 2  # presets are never mutated
 

@@ -104,7 +104,9 @@ def test_fused_optimizer_steps_are_seen_by_a_borrowed_engine():
     got = llm.generate(ps, SamplingParams(max_tokens=6, logprobs=True))
     want = LLM.from_model(m, None, fast=False).generate(ps, SamplingParams(max_tokens=6, logprobs=True))
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    torch.testing.assert_close(torch.tensor(got[0].logprobs), torch.tensor(want[0].logprobs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(got[0].logprobs), torch.tensor(want[0].logprobs), atol=1e-4, rtol=0
+    )
 
 
 def test_generating_from_a_training_policy_uses_eval_mode_and_restores_it():

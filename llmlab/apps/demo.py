@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     total = time.perf_counter() - t_start
     print(f"\nwhere everything went (total {total / 60:.1f} min):")
     print(f"  tokenizer + token shards : {data_dir}/  (tokenizer/, train.bin, val.bin, val.txt, meta.json)")
-    print(f"  final model              : {out / 'final'}/  (llmlab.load / llmlab generate --model)")
+    print(f"  final model              : {out / 'final'}/  (llmlab.load, llmlab generate, llmlab chat)")
     print(f"  resumable checkpoints    : {out}/ckpt-*/  (llmlab pretrain --out {out} --resume)")
     print(f"  metrics                  : {out / 'metrics.jsonl'}, TensorBoard: {out / 'tb'}")
     print(f"  loss curve               : {out / 'loss_curve.png'}")

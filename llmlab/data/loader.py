@@ -112,7 +112,9 @@ class PackedLoader:
         self.seed = int(state.get("seed", self.seed))
 
 
-def iterate_split(directory: str | Path, split: str, seq_len: int, batch_size: int, max_batches: int | None = None):
+def iterate_split(
+    directory: str | Path, split: str, seq_len: int, batch_size: int, max_batches: int | None = None
+):
     """Deterministic, non-overlapping pass over a split (for evaluation): yields ``input_ids``/``labels``."""
     tokens = open_split(directory, split)
     n_seq = (len(tokens) - 1) // seq_len

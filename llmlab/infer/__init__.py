@@ -1,8 +1,20 @@
 """Inference: the generation engine (continuous batching over a paged KV cache), sampling, speculative
-decoding, long-context options and the ``generate`` / ``chat`` commands."""
+decoding, long-context options and the ``generate`` / ``chat`` commands.
 
-from llmlab.infer.engine import LLM, RequestOutput
-from llmlab.infer.paged_cache import PagedKVCache
-from llmlab.infer.sampling import SamplingParams
+Exports load lazily, so ``llmlab.infer.cli`` (and ``llmlab --help``) do not import torch.
+"""
 
-__all__ = ["LLM", "PagedKVCache", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+from llmlab.lazy import lazy_exports
+
+_LAZY = {
+    "LLM": "llmlab.infer.engine",
+    "RequestOutput": "llmlab.infer.engine",
+    "PagedKVCache": "llmlab.infer.paged_cache",
+    "SamplingParams": "llmlab.infer.sampling",
+}
+
+__getattr__ = lazy_exports("llmlab.infer", _LAZY)
+
+__all__ = sorted(_LAZY)

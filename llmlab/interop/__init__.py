@@ -7,8 +7,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from llmlab.lazy import lazy_exports
 
 # Lazy, so that ``llmlab.interop.cli`` (imported by ``llmlab --help``) does not pull in torch.
 _LAZY = {
@@ -20,10 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'llmlab.interop' has no attribute {name!r}")
+__getattr__ = lazy_exports("llmlab.interop", _LAZY)
 
 
 __all__ = list(_LAZY)

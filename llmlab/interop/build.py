@@ -5,28 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from llmlab.errors import CheckpointError
+from llmlab.model.checkpoint import check_state
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
-
-
-def check_state(model: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Same names and shapes as the model's own state, else a CheckpointError naming the first bad tensor.
-
-    (``checkpoint.load_into`` does this and then copies; here the tensors are adopted instead.)
-    """
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected)")
-    for k, v in state.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
-            )
 
 
 def build_model(

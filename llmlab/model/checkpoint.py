@@ -138,6 +138,12 @@ def load_state_dict(file: str | Path) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the first bad tensor."""
+    check_state(model, state, source)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Same names and shapes as the model's own state, else a CheckpointError naming the first bad tensor."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -150,7 +156,6 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: st
             raise CheckpointError(
                 f"{source}: tensor '{k}' has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}"
             )
-    model.load_state_dict(state, strict=True)
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Any]:

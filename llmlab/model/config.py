@@ -50,7 +50,9 @@ class RopeScaling:
 
     def validate(self) -> None:
         if self.type not in ROPE_SCALINGS:
-            raise ConfigError(f"config key 'rope_scaling.type' must be one of {list(ROPE_SCALINGS)}, got {self.type!r}")
+            raise ConfigError(
+                f"config key 'rope_scaling.type' must be one of {list(ROPE_SCALINGS)}, got {self.type!r}"
+            )
         if self.type != "none" and self.factor <= 0:
             raise ConfigError("config key 'rope_scaling.factor' must be > 0")
 
@@ -142,10 +144,23 @@ class ModelConfig:
 # Named model shapes. "tiny" trains on a 2-core CPU in minutes; "gpt2-124m" is the GPU reference size.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    "small-14m": ModelConfig(vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256),
+    "small-14m": ModelConfig(
+        vocab_size=8192, d_model=384, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256
+    ),
     "gpt2-124m": ModelConfig(
-        vocab_size=50304, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024, norm="layernorm", norm_bias=True,
-        ffn="gelu", activation="gelu_tanh", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+        vocab_size=50304,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        max_seq_len=1024,
+        norm="layernorm",
+        norm_bias=True,
+        ffn="gelu",
+        activation="gelu_tanh",
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
         arch="gpt2",
     ),
 }

@@ -144,7 +144,9 @@ class Attention(nn.Module):
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
         out = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=mask,
             is_causal=meta.is_causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -193,7 +195,9 @@ class Transformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed_positions = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        self.embed_positions = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+        )
         self.rotary = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
             self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
@@ -208,7 +212,9 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                scale = (
+                    1.0 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj", "down_proj")) else 1.0
+                )
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)

@@ -10,8 +10,7 @@ Exports are lazy so ``llmlab.quant.cli`` (imported by ``llmlab --help``) does no
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from llmlab.lazy import lazy_exports
 
 _LAZY = {
     "AffineQuantizer": "llmlab.quant.common",
@@ -35,10 +34,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'llmlab.quant' has no attribute {name!r}")
+__getattr__ = lazy_exports("llmlab.quant", _LAZY)
 
 
 __all__ = sorted(_LAZY)

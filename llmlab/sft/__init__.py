@@ -1,16 +1,24 @@
 """Supervised fine-tuning: chat templates and assistant-only masks (:mod:`.chat`), data loading and batching
-(:mod:`.datasets`), and the run itself (:mod:`.recipe`, ``llmlab sft``)."""
+(:mod:`.datasets`), and the run itself (:mod:`.recipe`, ``llmlab sft``).
 
-from llmlab.sft.chat import CHATML_TEMPLATE, TokenizedChat, prompt_ids, render, tokenize_chat
-from llmlab.sft.datasets import SFTBatchSource, encode_conversations, load_conversations
+Exports load lazily, so ``llmlab.sft.cli`` (and ``llmlab --help``) do not import torch.
+"""
 
-__all__ = [
-    "CHATML_TEMPLATE",
-    "SFTBatchSource",
-    "TokenizedChat",
-    "encode_conversations",
-    "load_conversations",
-    "prompt_ids",
-    "render",
-    "tokenize_chat",
-]
+from __future__ import annotations
+
+from llmlab.lazy import lazy_exports
+
+_LAZY = {
+    "CHATML_TEMPLATE": "llmlab.sft.chat",
+    "TokenizedChat": "llmlab.sft.chat",
+    "prompt_ids": "llmlab.sft.chat",
+    "render": "llmlab.sft.chat",
+    "tokenize_chat": "llmlab.sft.chat",
+    "SFTBatchSource": "llmlab.sft.datasets",
+    "encode_conversations": "llmlab.sft.datasets",
+    "load_conversations": "llmlab.sft.datasets",
+}
+
+__getattr__ = lazy_exports("llmlab.sft", _LAZY)
+
+__all__ = sorted(_LAZY)

@@ -171,8 +171,12 @@ class Tokenizer:
         if not meta:
             # A bare tokenizer.json: guess the special tokens from its added vocabulary.
             added = {t.content for t in backend.get_added_tokens_decoder().values()}
-            tok.bos_token = next((t for t in (BOS, "<s>", "<|endoftext|>", "<|begin_of_text|>") if t in added), None)
-            tok.eos_token = next((t for t in (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>") if t in added), None)
+            tok.bos_token = next(
+                (t for t in (BOS, "<s>", "<|endoftext|>", "<|begin_of_text|>") if t in added), None
+            )
+            tok.eos_token = next(
+                (t for t in (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>") if t in added), None
+            )
             tok.pad_token = next((t for t in (PAD, "<pad>") if t in added), None)
             if IM_END in added:
                 tok.extra_stop_tokens = [IM_END]

@@ -9,8 +9,7 @@ Exports load lazily, so ``llmlab.train.cli`` (and ``llmlab --help``) do not impo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from llmlab.lazy import lazy_exports
 
 _LAZY = {
     "PRETRAIN_PRESETS": "llmlab.train.config",
@@ -28,10 +27,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'llmlab.train' has no attribute {name!r}")
+__getattr__ = lazy_exports("llmlab.train", _LAZY)
 
 
 __all__ = list(_LAZY)
