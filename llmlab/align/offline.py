@@ -40,7 +40,7 @@ from llmlab.align.data import (
 )
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
-from llmlab.train.config import TrainConfig
+from llmlab.train.config import TrainConfig, preference_train_config
 
 LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
@@ -73,17 +73,8 @@ class AlignConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     eval_batch_size: int = 16
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            lr=5e-6,
-            min_lr=5e-7,
-            warmup_steps=10,
-            max_steps=200,
-            batch_size=8,
-            weight_decay=0.0,
-            eval_every=50,
-            log_every=10,
-            spike_factor=0.0,
-            precision="fp32",
+        default_factory=lambda: preference_train_config(
+            lr=5e-6, min_lr=5e-7, warmup_steps=10, max_steps=200, batch_size=8, eval_every=50, log_every=10
         )
     )
 
@@ -117,17 +108,8 @@ ALIGN_PRESETS: dict[str, AlignConfig] = {
         skip_invalid=True,  # hh-rlhf dialogues longer than the context are counted and skipped
         use_lora=True,
         lora=LoRAConfig(r=16, alpha=32.0),
-        train=TrainConfig(
-            lr=5e-5,
-            min_lr=5e-6,
-            warmup_steps=5,
-            max_steps=50,
-            batch_size=4,
-            weight_decay=0.0,
-            eval_every=0,
-            log_every=5,
-            spike_factor=0.0,
-            precision="fp32",
+        train=preference_train_config(
+            lr=5e-5, min_lr=5e-6, warmup_steps=5, max_steps=50, batch_size=4, eval_every=0, log_every=5
         ),
     ),
 }

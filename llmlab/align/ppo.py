@@ -36,7 +36,7 @@ from llmlab.align import losses as L
 from llmlab.align import rollout as R
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
-from llmlab.train.config import TrainConfig
+from llmlab.train.config import TrainConfig, preference_train_config
 
 REWARDS = ("rm", "verifier", "proxy")
 
@@ -73,17 +73,14 @@ class PPOConfig:
     use_lora: bool = False
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
+        default_factory=lambda: preference_train_config(
             lr=1e-5,
             min_lr=1e-6,
             warmup_steps=0,
             max_steps=50,
             batch_size=8,
-            weight_decay=0.0,
             eval_every=0,
             log_every=1,
-            spike_factor=0.0,
-            precision="fp32",
             grad_clip=1.0,
             schedule="constant",
         )

@@ -22,7 +22,7 @@ from llmlab.align.losses import bradley_terry_loss
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
-from llmlab.train.config import TrainConfig
+from llmlab.train.config import TrainConfig, preference_train_config
 
 RM_KEY = "reward_model"
 
@@ -252,17 +252,8 @@ class RMConfig:
     skip_invalid: bool = False
     eval_batch_size: int = 16
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(
-            lr=1e-5,
-            min_lr=1e-6,
-            warmup_steps=10,
-            max_steps=200,
-            batch_size=8,
-            weight_decay=0.0,
-            eval_every=50,
-            log_every=10,
-            spike_factor=0.0,
-            precision="fp32",
+        default_factory=lambda: preference_train_config(
+            lr=1e-5, min_lr=1e-6, warmup_steps=10, max_steps=200, batch_size=8, eval_every=50, log_every=10
         )
     )
 

@@ -184,3 +184,13 @@ def _gpt2() -> PretrainConfig:
 
 # Named presets for ``llmlab pretrain --preset NAME``.
 PRETRAIN_PRESETS: dict[str, PretrainConfig] = {"tiny": _tiny(), "gpt2-124m": _gpt2()}
+
+
+def preference_train_config(**overrides) -> TrainConfig:
+    """Trainer defaults shared by the alignment stages (reward model, DPO-family, PPO, GRPO).
+
+    fp32 (their losses compare small log-prob differences), no weight decay (it would pull the policy away
+    from the reference), and no loss-spike guard (preference and RL losses legitimately sit near zero or jump
+    between rollout batches; NaN/inf steps are still skipped).
+    """
+    return TrainConfig(**{"weight_decay": 0.0, "spike_factor": 0.0, "precision": "fp32", **overrides})
