@@ -14,7 +14,6 @@ fraction; held-out exact match (greedy) every ``eval_every`` steps and at the st
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -131,7 +130,7 @@ def run_grpo(
     cfg: GRPOConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, progress: bool = True
 ) -> dict[str, Any]:
     """The whole ``llmlab grpo`` run; returns held-out exact match before/after and the last step's metrics."""
-    from llmlab.align.offline import load_policy
+    from llmlab.align.offline import load_policy, prepare_policy
     from llmlab.train import Trainer
 
     cfg.validate()
@@ -140,13 +139,7 @@ def run_grpo(
     out = Path(out_dir) if out_dir is not None else None
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
-    if cfg.use_lora:
-        from llmlab.model.lora import apply_lora
-
-        apply_lora(model, cfg.lora)
-    ref = None
-    if cfg.beta > 0 and not cfg.use_lora:
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ref = prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=cfg.beta > 0)
     tcfg = dataclasses.replace(
         cfg.train, max_steps=cfg.train.max_steps * cfg.epochs, eval_every=0, save_every=0
     )

