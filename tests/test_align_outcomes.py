@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _align_helpers import train_tiny_sft  # noqa: E402
 
 from llmlab.align import rollout as R  # noqa: E402
-from llmlab.train import TrainConfig  # noqa: E402
+from llmlab.train.config import TrainConfig, preference_train_config  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SFT_STEPS = int(os.environ.get("LLMLAB_ALIGN_SFT_STEPS", "400"))
@@ -67,17 +67,8 @@ def dpo_outcome(sft, tok, out: Path, lr: float = 1e-4, rpo_alpha: float = 1.0, b
 
     policy = copy.deepcopy(sft)
     train = quiet(
-        TrainConfig(
-            lr=lr,
-            min_lr=lr / 10,
-            warmup_steps=5,
-            max_steps=60,
-            batch_size=16,
-            weight_decay=0.0,
-            eval_every=0,
-            log_every=10,
-            precision="fp32",
-            spike_factor=0.0,
+        preference_train_config(
+            lr=lr, min_lr=lr / 10, warmup_steps=5, max_steps=60, batch_size=16, eval_every=0, log_every=10
         )
     )
     cfg = AlignConfig(
@@ -124,17 +115,14 @@ def grpo_outcome(
         micro_batch=32,
     )
     cfg.train = quiet(
-        TrainConfig(
+        preference_train_config(
             lr=2e-4,
             min_lr=2e-4,
             warmup_steps=0,
             max_steps=60,
             batch_size=32,
-            weight_decay=0.0,
             eval_every=0,
             log_every=1,
-            precision="fp32",
-            spike_factor=0.0,
             schedule="constant",
         )
     )
@@ -160,17 +148,8 @@ def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
 
     rm_cfg = RMConfig(data=["tasks"], heldout=None, n_heldout=200, max_pairs=2000, max_len=128)
     rm_cfg.train = quiet(
-        TrainConfig(
-            lr=3e-4,
-            min_lr=3e-5,
-            warmup_steps=5,
-            max_steps=80,
-            batch_size=16,
-            weight_decay=0.0,
-            eval_every=0,
-            log_every=10,
-            precision="fp32",
-            spike_factor=0.0,
+        preference_train_config(
+            lr=3e-4, min_lr=3e-5, warmup_steps=5, max_steps=80, batch_size=16, eval_every=0, log_every=10
         )
     )
     rm_metrics = run_reward_model(rm_cfg, out / "rm", model=copy.deepcopy(sft), tokenizer=tok)
@@ -191,17 +170,14 @@ def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
         micro_batch=16,
     )
     cfg.train = quiet(
-        TrainConfig(
+        preference_train_config(
             lr=lr,
             min_lr=lr,
             warmup_steps=0,
             max_steps=40,
             batch_size=16,
-            weight_decay=0.0,
             eval_every=0,
             log_every=1,
-            precision="fp32",
-            spike_factor=0.0,
             schedule="constant",
         )
     )
@@ -236,17 +212,14 @@ def hack_outcome(sft, tok, out: Path, lr: float = 5e-4, tag: str = "") -> dict:
             proxy_length_bonus=0.05,
         )
         cfg.train = quiet(
-            TrainConfig(
+            preference_train_config(
                 lr=lr,
                 min_lr=lr,
                 warmup_steps=0,
                 max_steps=40,
                 batch_size=16,
-                weight_decay=0.0,
                 eval_every=0,
                 log_every=1,
-                precision="fp32",
-                spike_factor=0.0,
                 schedule="constant",
             )
         )
