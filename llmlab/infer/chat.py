@@ -16,7 +16,7 @@ HELP = "commands: /reset (clear history), /system TEXT (set the system prompt), 
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-    """Render a message list to prompt text (special tokens as text; encode it without adding BOS)."""
+    """Render a message list to prompt text (special tokens as text; see :func:`encode_chat` for its ids)."""
     from llmlab.sft.chat import render, template_for
 
     for i, m in enumerate(messages):
@@ -28,6 +28,29 @@ def render_chat(tokenizer: Any, messages: list[dict[str, Any]], add_generation_p
         add_generation_prompt=add_generation_prompt,
         bos_token=getattr(tokenizer, "bos_token", None),
         eos_token=getattr(tokenizer, "eos_token", None),
+    )
+
+
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+) -> tuple[str, list[int]]:
+    """Prompt text and token ids of a message list, without adding BOS (as :func:`render_chat`).
+
+    Unlike encoding :func:`render_chat`'s text, message content is encoded as plain text: a user message
+    that spells ``<|im_end|>`` and ``<|im_start|>assistant`` cannot close its turn and forge an assistant turn.
+    """
+    from llmlab.sft.chat import encode_chat_prompt, template_for
+
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise LLMLabError(f"chat message {i} must have 'role' and 'content'")
+    return encode_chat_prompt(
+        tokenizer,
+        messages,
+        template_for(tokenizer),
+        add_generation_prompt=add_generation_prompt,
+        add_bos=False,
+        where="chat",
     )
 
 

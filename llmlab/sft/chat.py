@@ -19,10 +19,20 @@ without knowing anything about the template:
    assistant content in order in the full render.
 
 Token labels then come from the tokenizer's character offsets: a token counts when it overlaps a span.
+
+**Message content is always plain text.** The template's own control tokens (``<|im_start|>``,
+``<|im_end|>``, a bos) encode as their special ids, but a message that merely *contains* such a string is
+encoded as ordinary byte-level tokens: otherwise a user could close their turn and open a forged assistant
+turn (prompt injection), and the forged turn would even be counted by the assistant-only mask. Before
+rendering, special-token strings inside content are bracketed by two Unicode noncharacters; after rendering
+the brackets are removed and the text is encoded with special-token matching switched off between the
+template's control tokens. A conversation without such strings takes the plain single-``encode`` path, so its
+ids are exactly what they always were.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,6 +56,9 @@ CHATML_TEMPLATE = (
 
 # Sentinels substituted for {% generation %} blocks; private-use code points never appear in real text.
 _GEN_START, _GEN_END = "\ue000", "\ue001"
+# Brackets around special-token strings found in message content while the template renders. Unicode
+# noncharacters are never assigned and "not for interchange"; content that contains them is rejected.
+_LIT_START, _LIT_END = "\ufdd0", "\ufdd1"
 
 
 class TemplateError(DataError):
@@ -237,15 +250,18 @@ def tokenize_chat(
     stops = [s for s in [tokenizer.eos_token, *getattr(tokenizer, "extra_stop_tokens", [])] if s]
     if template == CHATML_TEMPLATE and "<|im_end|>" not in stops:
         stops.append("<|im_end|>")
+    shielded = _shield(messages, _special_strings(tokenizer), where)
     try:
         text, spans = assistant_spans(
-            messages, template, stops, tokenizer.bos_token, tokenizer.eos_token, where
+            shielded, template, stops, tokenizer.bos_token, tokenizer.eos_token, where
         )
     except TemplateError as exc:
         msg = str(exc)
         raise TemplateError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-    enc = tokenizer.backend.encode(text, add_special_tokens=False)
-    ids, offsets = list(enc.ids), list(enc.offsets)
+    text, literals, index = _unmark(text)
+    if index is not None:
+        spans = [(index[s], index[e]) for s, e in spans]
+    ids, offsets = _encode(tokenizer, text, literals)
     labels = [IGNORE_INDEX] * len(ids)
     # A token counts when it overlaps a span: a BPE token may straddle the span start (" Hello" after "A:").
     k = 0
@@ -261,10 +277,128 @@ def tokenize_chat(
 
 def prompt_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], template: str | None = None) -> list[int]:
     """Token ids of a conversation rendered with the generation prompt (what a model continues)."""
-    text = render(
-        messages, template or template_for(tokenizer), True, tokenizer.bos_token, tokenizer.eos_token
+    return encode_chat_prompt(tokenizer, messages, template)[1]
+
+
+def encode_chat_prompt(
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    template: str | None = None,
+    add_generation_prompt: bool = True,
+    add_bos: bool = True,
+    where: str = "conversation",
+) -> tuple[str, list[int]]:
+    """The rendered prompt text and its token ids, message content encoded as plain text.
+
+    ``add_bos`` prepends the tokenizer's bos when it asks for one (``tokenizer.add_bos``) and the template
+    did not already render it.
+    """
+    shielded = _shield(messages, _special_strings(tokenizer), where)
+    raw = render(
+        shielded,
+        template or template_for(tokenizer),
+        add_generation_prompt,
+        tokenizer.bos_token,
+        tokenizer.eos_token,
     )
-    ids = tokenizer.backend.encode(text, add_special_tokens=False).ids
-    if tokenizer.add_bos and tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
+    text, literals, _ = _unmark(raw)
+    ids, _ = _encode(tokenizer, text, literals)
+    if (
+        add_bos
+        and tokenizer.add_bos
+        and tokenizer.bos_id is not None
+        and (not ids or ids[0] != tokenizer.bos_id)
+    ):
         ids = [tokenizer.bos_id, *ids]
-    return list(ids)
+    return text, ids
+
+
+# ------------------------------------------------------------------------- content as plain text
+def _special_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The special tokens the backend would match in text (non-special added tokens match either way)."""
+    added = tokenizer.backend.get_added_tokens_decoder().values()
+    return tuple(sorted({t.content for t in added if t.special and t.content}))
+
+
+@lru_cache(maxsize=8)
+def _special_pattern(specials: tuple[str, ...]) -> re.Pattern[str]:
+    # Longest first: at one position the longer token wins, as in the backend's own matcher.
+    return re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)))
+
+
+def _shield(
+    messages: Sequence[dict[str, Any]], specials: tuple[str, ...], where: str
+) -> list[dict[str, Any]]:
+    """The messages with every special-token string inside their content bracketed by the literal markers."""
+    pattern = _special_pattern(specials) if specials else None
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            if _LIT_START in content or _LIT_END in content:
+                # Unbracketed markers would let content turn the template's control tokens into text.
+                raise TemplateError(
+                    f"{where}: message {i} contains a reserved character (U+FDD0 or U+FDD1, Unicode noncharacters)"
+                )
+            if pattern is not None and pattern.search(content):
+                m = {**m, "content": pattern.sub(lambda x: _LIT_START + x.group(0) + _LIT_END, content)}
+        out.append(m)
+    return out
+
+
+def _unmark(raw: str) -> tuple[str, list[tuple[int, int]], list[int] | None]:
+    """Remove the literal markers: the clean text, the bracketed regions in it, and the map from indices of
+    ``raw`` to indices of the clean text (None when there was nothing to remove)."""
+    if _LIT_START not in raw:
+        return raw, [], None
+    clean: list[str] = []
+    regions: list[tuple[int, int]] = []
+    index: list[int] = []
+    start: int | None = None
+    for ch in raw:
+        index.append(len(clean))
+        if ch == _LIT_START:
+            start = len(clean)
+        elif ch == _LIT_END:
+            if start is not None:
+                regions.append((start, len(clean)))
+            start = None
+        else:
+            clean.append(ch)
+    index.append(len(clean))
+    return "".join(clean), regions, index
+
+
+def _encode(
+    tokenizer: Any, text: str, literals: Sequence[tuple[int, int]]
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets of ``text``; special-token strings inside ``literals`` encode as plain text.
+
+    The backend's own encoding finds the control tokens (the special tokens outside every literal region);
+    the text between two control tokens is encoded with special-token matching off. The backend itself
+    encodes the pieces between special tokens independently, so this only changes the literal regions.
+    """
+    enc = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids, offsets = list(enc.ids), list(enc.offsets)
+    if not literals:
+        return ids, offsets
+    special = {i for i, t in tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+    controls = [
+        (t, (s, e))
+        for t, (s, e) in zip(ids, offsets)
+        if t in special and not any(s < b and e > a for a, b in literals)
+    ]
+    plain = tokenizer.plain_backend()
+    out_ids: list[int] = []
+    out_offsets: list[tuple[int, int]] = []
+    cursor = 0
+    for t, (s, e) in [*controls, (None, (len(text), len(text)))]:
+        if s > cursor:
+            piece = plain.encode(text[cursor:s], add_special_tokens=False)
+            out_ids += piece.ids
+            out_offsets += [(a + cursor, b + cursor) for a, b in piece.offsets]
+        if t is not None:
+            out_ids.append(t)
+            out_offsets.append((s, e))
+        cursor = max(cursor, e)
+    return out_ids, out_offsets

@@ -55,13 +55,13 @@ class Tokenizer:
         text (a user message, a document) pass ``split_special_tokens=True``: such strings are then encoded
         as ordinary characters, so the text cannot forge a role marker or an end of sequence.
         """
-        backend = self._plain_backend() if split_special_tokens else self.backend
+        backend = self.plain_backend() if split_special_tokens else self.backend
         ids = backend.encode(text, add_special_tokens=False).ids
         if (add_special_tokens or self.add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
-    def _plain_backend(self) -> HFTokenizer:
+    def plain_backend(self) -> HFTokenizer:
         """A copy of the backend that never matches special tokens in text (built once, then cached)."""
         plain = self.__dict__.get("_plain")
         if plain is None:
@@ -72,7 +72,7 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], split_special_tokens: bool = False) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by the Rust backend (see :meth:`encode`)."""
-        backend = self._plain_backend() if split_special_tokens else self.backend
+        backend = self.plain_backend() if split_special_tokens else self.backend
         return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
