@@ -12,7 +12,9 @@ from llmlab.cli import main
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.checkpoint import load_checkpoint, save_checkpoint
 from llmlab.model.lora import apply_adapter
+from llmlab.sft.datasets import SFTBatchSource
 from llmlab.sft.recipe import load_sft_config, run_sft
+from llmlab.train.logging import read_metrics
 
 FAST = [
     "max_steps=3",
@@ -86,6 +88,8 @@ def test_sft_run_writes_artifacts_and_report(base_dir, tmp_path, peft):
     else:
         assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
         assert (out / "metrics.jsonl").is_file() and list(out.glob("ckpt-*"))  # logs and checkpoints kept
+        ckpt = next(out.glob("ckpt-*"))  # the frozen (NF4 for qlora) base is not saved again
+        assert (ckpt / "trainable.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
         assert report["params"]["trainable"] < report["params"]["params"] / 2
         if peft == "qlora":
             q = report["qlora_memory"]
@@ -94,6 +98,81 @@ def test_sft_run_writes_artifacts_and_report(base_dir, tmp_path, peft):
         else:
             tuned = apply_adapter(base, out)
             assert not torch.allclose(tuned(ids), load_checkpoint(base_dir)[0](ids))
+
+
+class Kill(Exception):
+    pass
+
+
+def test_lora_checkpoints_hold_only_the_adapter_and_resume_exactly(base_dir, tmp_path, monkeypatch, capsys):
+    """A LoRA run's ckpt-*/ holds the LoRA tensors only (not the frozen base), and a run killed after its
+    checkpoint and resumed with ``resume=True`` ends exactly where the uninterrupted run does."""
+    from safetensors import safe_open
+
+    from llmlab.errors import CheckpointError
+    from llmlab.model.lora import LoRAConfig, apply_lora
+    from llmlab.train import Trainer
+
+    # LoRA dropout makes the restored RNG matter; accumulation makes the restored data position matter.
+    args = [*FAST, f"base={base_dir}", "data=tasks", "peft=lora", "lora_r=4", "lora_dropout=0.1"]
+    args += ["max_steps=4", "save_every=2", "grad_accum_steps=2", "task_eval_per_task=0", "eval_every=0"]
+    cfg = load_sft_config(None, None, args)
+    run_sft(cfg, tmp_path / "full")
+
+    real_next = SFTBatchSource.next_batch
+
+    def dies_after_step_2(self):  # like a killed process: 2 optimizer steps x 2 micro-batches
+        if self.step >= 4:
+            raise Kill
+        return real_next(self)
+
+    split = tmp_path / "split"
+    monkeypatch.setattr(SFTBatchSource, "next_batch", dies_after_step_2)
+    with pytest.raises(Kill):
+        run_sft(load_sft_config(None, None, args), split)
+    monkeypatch.setattr(SFTBatchSource, "next_batch", real_next)
+
+    ckpt = split / "ckpt-0000002"
+    assert not (ckpt / "model.safetensors").exists()
+    with safe_open(str(ckpt / "trainable.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    model, _ = load_checkpoint(base_dir)
+    apply_lora(model, LoRAConfig(r=4, dropout=0.1))
+    assert saved == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert saved and all(".lora_A." in n or ".lora_B." in n for n in saved)
+    base_bytes = (base_dir / "model.safetensors").stat().st_size
+    assert (ckpt / "trainable.safetensors").stat().st_size < base_bytes / 10
+    with pytest.raises(CheckpointError, match="only the trainable tensors"):
+        load_checkpoint(ckpt)  # not a whole model: a clear error, not a half-loaded one
+
+    capsys.readouterr()
+    run_sft(load_sft_config(None, None, args), split, resume=True)
+    assert f"resumed from {ckpt} at step 2" in capsys.readouterr().out  # not a silent rerun from scratch
+
+    def losses(out):
+        return {
+            r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r.get("split") == "train"
+        }
+
+    a, b = losses(tmp_path / "full"), losses(split)
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    fa = load_checkpoint(base_dir)[0]
+    fb = load_checkpoint(base_dir)[0]
+    apply_adapter(fa, tmp_path / "full")
+    apply_adapter(fb, split)
+    for (k, va), vb in zip(fa.state_dict().items(), fb.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=k)
+
+    # A model whose trainable tensors differ from the checkpoint's: an error naming the tensor.
+    other, _ = load_checkpoint(base_dir)
+    apply_lora(other, LoRAConfig(r=8))
+    trainer = Trainer(other, cfg.train, None, out_dir=tmp_path / "other")
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'layers\.0\.self_attn\.q_proj\.lora_A\.weight' has shape"
+    ):
+        trainer.load(ckpt)
 
 
 def test_replay_and_freeze_and_early_stop(base_dir, tmp_path):

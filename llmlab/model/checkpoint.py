@@ -26,6 +26,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT_KEY = "llmlab_format"
 FORMAT_VERSION = 1
+# Set in the config.json of a trainer resume checkpoint that holds only the trainable tensors of a run with
+# frozen weights (LoRA, QLoRA, freeze_layers): see :mod:`llmlab.train.state`. Not a loadable model.
+TRAINABLE_ONLY_KEY = "trainable_only"
 
 
 def is_llmlab_checkpoint(path: str | Path) -> bool:
@@ -86,10 +89,11 @@ def write_checkpoint_files(
     model: Transformer,
     tokenizer: Any | None = None,
     extra_config: dict[str, Any] | None = None,
+    weights_file: str = WEIGHTS_FILE,
 ) -> None:
     """Write model/tokenizer files into an existing directory (non-atomic; see :func:`save_checkpoint`)."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_file(state, str(directory / weights_file), metadata={"format": "pt"})
     config = {FORMAT_KEY: FORMAT_VERSION, "model": model.cfg.to_dict(), **(extra_config or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2), encoding="utf-8")
     if tokenizer is not None:
@@ -102,11 +106,12 @@ def save_checkpoint(
     tokenizer: Any | None = None,
     extra_config: dict[str, Any] | None = None,
     extra_files: Callable[[Path], None] | None = None,
+    weights_file: str = WEIGHTS_FILE,
 ) -> Path:
-    """Atomically write an llmlab checkpoint directory."""
+    """Atomically write an llmlab checkpoint directory (``weights_file`` names the tensors file)."""
 
     def write(tmp: Path) -> None:
-        write_checkpoint_files(tmp, model, tokenizer, extra_config)
+        write_checkpoint_files(tmp, model, tokenizer, extra_config, weights_file)
         if extra_files is not None:
             extra_files(tmp)
 
@@ -166,6 +171,12 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     config = read_config(directory)
     if FORMAT_KEY not in config:
         raise CheckpointError(f"{directory / CONFIG_FILE}: not an llmlab checkpoint (no '{FORMAT_KEY}' key)")
+    if config.get(TRAINABLE_ONLY_KEY):
+        raise CheckpointError(
+            f"{directory}: a resume checkpoint holding only the trainable tensors of a run with frozen "
+            "weights (LoRA/QLoRA/frozen layers), not a whole model: resume that run (--resume), or load "
+            "its final output (final/ or the adapter)"
+        )
     cfg = ModelConfig.from_dict(config["model"], source=str(directory / CONFIG_FILE))
     with torch.device("meta"):
         model = Transformer(cfg)

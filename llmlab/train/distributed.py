@@ -106,15 +106,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model state dict on CPU, with the user's parameter names. Collective."""
+def full_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state dict on CPU, with the user's parameter names. Collective.
+
+    ``trainable_only``: just the parameters that require grad (no frozen weights, no buffers).
+    """
+    inner = unwrap(model)
     if not dist.is_initialized():
         # One process: the module's own state dict (works for any module, quantized or adapted ones too).
-        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+        # keep_vars keeps the Parameters, so frozen weights are dropped before any device-to-CPU copy.
+        state = inner.state_dict(keep_vars=True)
+        return {k: v.detach().cpu() for k, v in state.items() if v.requires_grad or not trainable_only}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=opts)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    state = get_model_state_dict(model, options=opts)
+    if trainable_only:  # ignore_frozen_params keeps buffers
+        names = {n for n, p in inner.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in names}
+    return state
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -126,19 +136,26 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state: dict, optim_state
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_state: dict,
+    optim_state,
+    strict: bool = True,
 ):
-    """Load full (name-keyed) model/optimizer state into a possibly sharded model; every rank passes it."""
+    """Load full (name-keyed) model/optimizer state into a possibly sharded model; every rank passes it.
+
+    ``strict=False`` loads a subset (the trainable parameters); the caller checks the names beforehand.
+    """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
-    opts = StateDictOptions(full_state_dict=True, strict=True)
+    opts = StateDictOptions(full_state_dict=True, strict=strict)
     if dist.is_initialized():
         set_model_state_dict(model, model_state, options=opts)
     else:
-        unwrap(model).load_state_dict(model_state, strict=True)
+        unwrap(model).load_state_dict(model_state, strict=strict)
     if optimizer is not None and optim_state is not None:
         set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=opts)

@@ -8,6 +8,11 @@ plus:
 - ``trainer_state.json``: optimizer structure (param groups by name, non-tensor state), step, LR scale,
   loss-guard history, data-loader position, RNG states (python, numpy, torch as a byte list) and the config.
 
+When some parameters are frozen (LoRA, QLoRA, ``freeze_layers``, ``train_modules``) the frozen base is not
+saved again at every checkpoint: ``trainable.safetensors`` replaces ``model.safetensors`` and holds only the
+trainable parameters, ``config.json`` says ``"trainable_only": true``, and resuming restores them onto a model
+the caller has already rebuilt (base + adapters + freezing), checked tensor by tensor.
+
 ``out/latest`` holds the name of the newest complete checkpoint; it is written atomically after the
 directory, so a kill at any moment leaves ``latest`` pointing at a whole checkpoint.
 """
@@ -28,6 +33,7 @@ from llmlab.errors import CheckpointError
 from llmlab.model.checkpoint import atomic_write_file, load_state_dict
 
 OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 CKPT_PREFIX = "ckpt-"

@@ -415,29 +415,43 @@ class Trainer:
             "train_config": asdict(self.cfg),
         }
 
-    def _gather(self) -> tuple[dict[str, Tensor], dict]:
-        """Full model and optimizer state (collective under FSDP)."""
-        model_state = dist_utils.full_model_state(self.wrapped)
+    def _has_frozen(self) -> bool:
+        """Whether some parameters are frozen (LoRA, QLoRA, frozen layers): resume checkpoints then hold only
+        the trainable ones, since the caller rebuilds the frozen base before resuming."""
+        return any(not p.requires_grad for p in self.unwrapped.parameters())
+
+    def _gather(self, trainable_only: bool = False) -> tuple[dict[str, Tensor], dict]:
+        """Full model (or only trainable) and optimizer state (collective under FSDP)."""
+        model_state = dist_utils.full_model_state(self.wrapped, trainable_only=trainable_only)
         optim_state = dist_utils.full_optimizer_state(self.wrapped, self.optimizer)
         return model_state, optim_state
 
     def save(self) -> Path | None:
-        """Write ``out/ckpt-STEP/`` (model, tokenizer, optimizer, RNG, data position) and ``out/latest``."""
+        """Write ``out/ckpt-STEP/`` (model, tokenizer, optimizer, RNG, data position) and ``out/latest``.
+
+        With frozen parameters the weights file is ``trainable.safetensors`` with the trainable tensors only
+        (see :mod:`llmlab.train.state`).
+        """
         if self.out_dir is None:
             return None
-        from llmlab.model.checkpoint import save_checkpoint
+        from llmlab.model.checkpoint import TRAINABLE_ONLY_KEY, WEIGHTS_FILE, save_checkpoint
 
-        model_state, optim_state = self._gather()
+        partial = self._has_frozen()
+        model_state, optim_state = self._gather(trainable_only=partial)
         path = self.out_dir / st.ckpt_name(self.step)
         if self.dist.is_main:
             trainer_state = self.trainer_state()
             view = _StateView(self.unwrapped.cfg, model_state)
+            extra = {**self.extra_config, "train": asdict(self.cfg), "step": self.step}
+            if partial:
+                extra[TRAINABLE_ONLY_KEY] = True
             save_checkpoint(
                 path,
                 view,
                 self.tokenizer,
-                extra_config={**self.extra_config, "train": asdict(self.cfg), "step": self.step},
+                extra_config=extra,
                 extra_files=lambda d: st.write_training_state(d, optim_state, trainer_state),
+                weights_file=st.TRAINABLE_FILE if partial else WEIGHTS_FILE,
             )
             st.write_latest(self.out_dir, path.name)
             st.prune_checkpoints(self.out_dir, self.cfg.keep_last, protect=path)
@@ -475,17 +489,34 @@ class Trainer:
         return True
 
     def load(self, path: str | Path, restore_data: bool = True, restore_rng: bool = True) -> None:
-        """Load model, optimizer and loop state from a checkpoint dir (any world size wrote it)."""
-        from llmlab.model.checkpoint import WEIGHTS_FILE, load_state_dict
+        """Load model, optimizer and loop state from a checkpoint dir (any world size wrote it).
+
+        A trainable-only checkpoint (a run with frozen parameters) must match this model's trainable
+        parameters exactly; the frozen ones are left as the caller built them.
+        """
+        from llmlab.model.checkpoint import TRAINABLE_ONLY_KEY, WEIGHTS_FILE, load_state_dict, read_config
 
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"{path}: checkpoint directory not found")
         trainer_state, optim_state = st.read_training_state(path)
-        model_state = load_state_dict(path / WEIGHTS_FILE)
-        _check_names(self.unwrapped, model_state, str(path / WEIGHTS_FILE))
+        partial = bool(read_config(path).get(TRAINABLE_ONLY_KEY))
+        weights = path / (st.TRAINABLE_FILE if partial else WEIGHTS_FILE)
+        model_state = load_state_dict(weights)
+        if partial:
+            own = {n: tuple(p.shape) for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+            hint = (
+                f" (this checkpoint holds only the {len(model_state)} trainable tensors of its run: build the "
+                "same model, base + adapters + frozen layers, before resuming)"
+            )
+        else:
+            own = {k: tuple(v.shape) for k, v in self.unwrapped.state_dict().items()}
+            hint = ""
+        _check_names(own, model_state, str(weights), hint)
         try:
-            dist_utils.load_full_state(self.wrapped, self.optimizer, model_state, optim_state)
+            dist_utils.load_full_state(
+                self.wrapped, self.optimizer, model_state, optim_state, strict=not partial
+            )
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{path}: cannot load training state ({exc})") from exc
         self.step = int(trainer_state["step"])
@@ -508,19 +539,23 @@ def _foreach_ok(tensors: list[Tensor]) -> bool:
     return not any(hasattr(t, "full_tensor") for t in tensors)  # DTensor grads: use per-tensor ops
 
 
-def _check_names(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Name/shape check with an error naming the first bad tensor (works for sharded params too)."""
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def _check_names(
+    own: dict[str, tuple[int, ...]], state: dict[str, Tensor], source: str, hint: str = ""
+) -> None:
+    """Name/shape check against ``own`` (name -> global shape, so sharded params work too) with an error
+    naming the first bad tensor."""
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing:
-        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing)")
+        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing){hint}")
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected)")
+        raise CheckpointError(
+            f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected){hint}"
+        )
     for k, shape in own.items():
         if tuple(state[k].shape) != shape:
             raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, expected {shape}"
+                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, expected {shape}{hint}"
             )
 
 
