@@ -240,10 +240,10 @@ class LLM:
         if isinstance(prompt, str):
             return prompt, self._tok().encode(prompt)
         if isinstance(prompt, Sequence) and prompt and all(isinstance(m, dict) for m in prompt):
-            from llmlab.infer.chat import render_chat
+            from llmlab.infer.chat import encode_chat
 
-            text = render_chat(self._tok(), list(prompt), add_generation_prompt=add_generation_prompt)
-            return text, self._tok().backend.encode(text, add_special_tokens=False).ids
+            # Message content is plain text: a literal "<|im_end|>" in it must not become the control token.
+            return encode_chat(self._tok(), list(prompt), add_generation_prompt=add_generation_prompt)
         if isinstance(prompt, Sequence) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
