@@ -19,6 +19,7 @@ WORDS = (
     "garden horse island lemon mountain night ocean pencil queen rabbit silver table violin window yellow "
     "zebra candle dragon engine flower guitar honey jacket kitten ladder mirror"
 ).split()
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 NAMES = "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Liam Maria Noah Olivia Peter".split()
 CITIES = "Paris London Tokyo Madrid Berlin Rome Cairo Lima Oslo Dublin Vienna Prague Sydney Toronto".split()
 JOBS = "baker doctor teacher farmer pilot nurse writer painter chef lawyer".split()
@@ -132,13 +133,19 @@ class _ListTask(Task):
         return re.fullmatch(self._list_re(), completion.strip()) is not None
 
 
+def _letters(rng: random.Random, min_len: int, max_len: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(min_len, max_len)))
+
+
 class Reverse(_ListTask):
     def __init__(self, min_len: int = 3, max_len: int = 7):
         super().__init__(name="reverse", instruction="Answer with the reversed letters, separated by spaces.")
         self.min_len, self.max_len = min_len, max_len
 
     def question(self, rng):
-        word = rng.choice(WORDS)[: rng.randint(self.min_len, self.max_len)]
+        # Random letters, not dictionary words: a prompt space of ~26^7, so the held-out split can only be
+        # solved by reversing, not by recalling a word seen in training.
+        word = _letters(rng, self.min_len, self.max_len)
         return f"Reverse the letters: {' '.join(word)}.", " ".join(reversed(word))
 
     def wrong_answer(self, record, rng):
@@ -178,12 +185,15 @@ class SortNumbers(_ListTask):
 
 
 class CountLetters(Task):
-    def __init__(self):
+    def __init__(self, min_len: int = 4, max_len: int = 9):
         super().__init__(name="count_letters")
+        self.min_len, self.max_len = min_len, max_len
 
     def question(self, rng):
-        word = rng.choice(WORDS)
-        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        # Letters drawn from a random 5-letter alphabet so that repeats (counts of 2-5) are common; the asked
+        # letter is absent one time in five.
+        word = _letters(rng, self.min_len, self.max_len, "".join(rng.sample(LETTERS, 5)))
+        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(LETTERS)
         return f"How many times does the letter {letter} appear in: {' '.join(word)}?", str(
             word.count(letter)
         )
@@ -208,13 +218,14 @@ class CountWords(Task):
 
 
 class UnitConversion(Task):
-    def __init__(self, max_value: int = 10):
+    def __init__(self, max_value: int = 999, max_value_non_decimal: int = 20):
         super().__init__(name="unit_conversion")
-        self.max_value = max_value
+        self.max_value, self.max_value_non_decimal = max_value, max_value_non_decimal
 
     def question(self, rng):
         (src, dst), factor = rng.choice(list(UNITS.items()))
-        v = rng.randint(1, self.max_value)
+        # Powers of ten shift digits, so any value works; x60 and x12 are real multiplications, kept small.
+        v = rng.randint(1, self.max_value if factor in (10, 100, 1000) else self.max_value_non_decimal)
         return f"Convert {v} {src} to {dst}.", str(v * factor)
 
     def wrong_answer(self, record, rng):
