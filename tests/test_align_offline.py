@@ -136,3 +136,27 @@ def test_rpo_adds_the_chosen_nll():
     B = sums.shape[0] // 2
     nll = (-sums[:B] / counts[:B]).mean().item()
     assert out.loss_sum.item() / out.weight == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+
+
+def test_onpolicy_pairs_are_judged_by_the_verifier():
+    """``onpolicy:tasks`` samples the policy: every chosen passes the verifier, every rejected fails it."""
+    from llmlab.align.rollout import load_problems, score_completion, verifier_pairs
+
+    tok = chat_tokenizer()
+    model = tiny_model(seed=3)
+    source = "tasks:addition,json"
+    records, info = verifier_pairs(model, tok, source, 12, samples=2)
+    # An untrained model is never right, so every prompt yields a pair (reference answer vs its own sample).
+    assert info["onpolicy_prompts"] == 12 and len(records) >= 10
+    problems = {p.prompt[0]["content"]: p for p in load_problems(source, "train", 12)}
+    for r in records:
+        problem = problems[r["prompt"][0]["content"]]
+        assert score_completion(problem, r["chosen"]) == (True, True)
+        assert score_completion(problem, r["rejected"]) != (True, True)
+
+    cfg = small_cfg(data=[f"onpolicy:{source}"], max_pairs=12, onpolicy_samples=2, n_heldout=2)
+    stats = DataStats()
+    train_src, held_src = build_sources(cfg, tok, stats, model)
+    assert len(train_src.pairs) + len(held_src.pairs) == stats.extra["onpolicy_pairs"] == len(records)
+    with pytest.raises(Exception, match="needs the model"):
+        build_sources(cfg, tok, DataStats())

@@ -59,6 +59,7 @@ class DataStats:
     skipped_invalid: int = 0
     truncated: int = 0
     errors: list[str] = field(default_factory=list)  # the first few skip reasons
+    extra: dict[str, float] = field(default_factory=dict)  # source-specific counts (e.g. on-policy sampling)
 
     def skip(self, exc: Exception) -> None:
         self.skipped_invalid += 1

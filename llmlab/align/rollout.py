@@ -229,3 +229,52 @@ def evaluate_problems(
     for task, v in per.items():
         res[f"exact_match/{task}"] = sum(c for c, _ in v) / len(v)
     return res
+
+
+@torch.no_grad()
+def verifier_pairs(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str,
+    n_prompts: int,
+    samples: int = 4,
+    temperature: float = 1.0,
+    max_tokens: int = 24,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """On-policy preference pairs judged by the verifier: ``({"prompt", "chosen", "rejected"}, stats)``.
+
+    For each training-split problem the policy samples ``samples`` completions. The chosen response is a
+    sample the verifier accepts (right answer, asked format), or the reference answer when none is; the
+    rejected one is the most frequent sample the verifier rejects. Problems the policy always solves carry no
+    preference and are dropped. Pairs built from the policy's *own* mistakes put the DPO gradient where the
+    policy actually puts probability, which synthetic wrong answers (:func:`llmlab.data.tasks
+    .make_preference_pairs`) mostly do not (the RSO / iterative-RPO recipe).
+    """
+    problems = load_problems(source, "train", n_prompts, seed=seed)
+    prompts = [prompt_token_ids(tokenizer, p) for p in problems]
+    rep_prompts = [p for p in prompts for _ in range(samples)]
+    outs = generate(model, tokenizer, rep_prompts, max_tokens, temperature, 1.0, seed)
+    pairs: list[dict[str, Any]] = []
+    n_correct = 0
+    for i, problem in enumerate(problems):
+        texts = [o.text.strip() for o in outs[i * samples : (i + 1) * samples]]
+        good, bad = [], []
+        for t in texts:
+            correct, fmt = score_completion(problem, t)
+            (good if correct and fmt else bad).append(t)
+        n_correct += len(good)
+        bad = [t for t in bad if t]  # an empty completion is no response to prefer against
+        if not bad:
+            continue
+        chosen = good[0] if good else problem.answer
+        rejected = max(set(bad), key=bad.count)
+        if chosen == rejected:
+            continue
+        pairs.append({"prompt": problem.prompt, "chosen": chosen, "rejected": rejected})
+    stats = {
+        "onpolicy_prompts": len(problems),
+        "onpolicy_sample_accuracy": n_correct / max(len(outs), 1),
+        "onpolicy_pairs": len(pairs),
+    }
+    return pairs, stats
