@@ -188,3 +188,28 @@ def test_training_step_reduces_loss_in_bf16_autocast():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_single_norm_output_cast_under_autocast_matches_per_projection_casts(monkeypatch):
+    """Blocks cast a norm's output to bf16 once for q/k/v (gate/up) instead of once per projection: same
+    logits exactly, same gradients up to the order of bf16 gradient sums."""
+    import llmlab.model.transformer as tm
+
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    ids = torch.randint(0, 97, (2, 16))
+    results = []
+    for single_cast in (False, True):
+        if not single_cast:
+            monkeypatch.setattr(tm, "_autocast_input", lambda h, *consumers: h)
+        else:
+            monkeypatch.undo()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids)
+        logits.float().square().mean().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (ref_logits, ref_grads), (logits, grads) = results
+    assert torch.equal(logits, ref_logits)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)

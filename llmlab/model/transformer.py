@@ -185,8 +185,27 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor, rope, meta: AttnMeta, cache: KVCacheProtocol | None) -> Tensor:
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, meta, cache))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        attn, mlp = self.self_attn, self.mlp
+        h = _autocast_input(self.input_layernorm(x), attn.q_proj, attn.k_proj, attn.v_proj)
+        x = x + self.dropout(attn(h, rope, meta, cache))
+        h = _autocast_input(self.post_attention_layernorm(x), mlp.up_proj, getattr(mlp, "gate_proj", None))
+        return x + self.dropout(mlp(h))
+
+
+def _autocast_input(h: Tensor, *consumers: nn.Module | None) -> Tensor:
+    """``h`` in the autocast dtype when autocast is on and only plain ``nn.Linear`` layers read it.
+
+    The residual stream and the norms stay fp32 under autocast, so each projection would cast the same norm
+    output to bf16 by itself (q, k and v: three casts forward, three back). Casting once here gives the same
+    bf16 inputs, so the same forward values, with one copy instead of three (two for gate/up). Adapted or
+    quantized layers (LoRA, NF4, int8) keep receiving what they always did.
+    """
+    dev = h.device.type
+    if not torch.is_autocast_enabled(dev) or h.dtype == torch.get_autocast_dtype(dev):
+        return h
+    if any(m is not None and type(m) is not nn.Linear for m in consumers):
+        return h
+    return h.to(torch.get_autocast_dtype(dev))
 
 
 class Transformer(nn.Module):

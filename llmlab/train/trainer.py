@@ -38,7 +38,7 @@ from llmlab.train.config import TrainConfig
 from llmlab.train.fused_ce import fused_linear_cross_entropy
 from llmlab.train.logging import PLOT_FILE, MetricsLogger, plot_loss_curve
 from llmlab.train.optim import build_optimizer, lr_at
-from llmlab.train.perf import measure_peak_tflops, mfu
+from llmlab.train.perf import measure_peak_tflops, mfu, retain_freed_cpu_memory
 
 
 @dataclass
@@ -139,6 +139,8 @@ class Trainer:
         self.extra_config = dict(extra_config or {})
         self.dist = dist_utils.setup(cfg.device)
         self.device = self.dist.device
+        if self.device.type == "cpu":
+            retain_freed_cpu_memory()  # no page faults on every step's activations (see perf.py)
 
         self.model = model.to(self.device)  # the user's module (FSDP2 shards it in place)
         self.model.train()
