@@ -8,9 +8,12 @@ time is used, so load from other processes on a shared machine hits both sides a
 figure to trust, absolute tokens/s move with the machine's load.
 
 MFU = tokens/s x training FLOPs/token (``flops_per_token``: 6N + attention) / the bf16 matmul peak measured
-on this machine in the same run.
+on this machine in the same run. With ``--threads 1`` the step's process CPU time is reported too ("cpu"
+columns): on a shared machine the scheduler may give a 1-thread run only part of a core, which inflates wall
+time but not CPU time, so CPU-time tokens/s and MFU (against a peak also timed in CPU time) are the
+load-independent figures.
 
-    .venv/bin/python bench/train_throughput.py [--rounds 6] [--steps 2] [--threads 2] [--no-compile] [--json F]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train_throughput.py --threads 1 [--rounds 6] [--steps 2] [--threads 2] [--no-compile] [--json F]
 """
 
 from __future__ import annotations
@@ -121,14 +124,19 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu_times: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(args.rounds):
         for name, fn in sides.items():
             for _ in range(args.steps):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
 
     peak = measure_peak_tflops("cpu", torch.bfloat16)
+    one_thread = torch.get_num_threads() == 1
+    # The CPU-time figures divide by a peak timed on the same clock, so the fraction stays self-consistent.
+    cpu_peak = measure_peak_tflops("cpu", torch.bfloat16, cpu_time=True) if one_thread else None
     fpt = flops_per_token(cfg, args.seq, training=True)
     tokens = args.batch * args.seq
     result = {
@@ -139,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bf16_peak_tflops": round(peak, 3),
         "sides": {},
     }
+    if cpu_peak is not None:
+        result["bf16_peak_tflops_cpu_time"] = round(cpu_peak, 3)
     for name, ts in times.items():
         med = statistics.median(ts)
         tps = tokens / med
@@ -147,14 +157,26 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_s": round(tps),
             "mfu": round(tps * fpt / (peak * 1e12), 4),
         }
+        if (
+            cpu_peak is not None
+        ):  # CPU time = time on the one core, whatever share of it the scheduler gave us
+            cpu_tps = tokens / statistics.median(cpu_times[name])
+            result["sides"][name]["cpu_tokens_per_s"] = round(cpu_tps)
+            result["sides"][name]["cpu_mfu"] = round(cpu_tps * fpt / (cpu_peak * 1e12), 4)
     print(
         f"training throughput, {args.preset} ({result['params_M']}M params), batch {args.batch} x {args.seq}, "
         f"bf16 autocast, fused AdamW, {result['threads']} threads; bf16 matmul peak measured {peak:.2f} TFLOP/s"
+        + (f" (wall), {cpu_peak:.2f} (CPU time)" if cpu_peak is not None else "")
     )
     for name, r in result["sides"].items():
+        cpu = (
+            f"   | cpu {r['cpu_tokens_per_s']:>6,} tok/s  MFU {100 * r['cpu_mfu']:5.1f}%"
+            if one_thread
+            else ""
+        )
         print(
             f"  {name:<13} {r['tokens_per_s']:>8,} tok/s   step {1000 * r['median_step_s']:7.1f} ms   "
-            f"MFU {100 * r['mfu']:5.1f}%"
+            f"MFU {100 * r['mfu']:5.1f}%{cpu}"
         )
     if "transformers" in result["sides"]:
         hf = result["sides"]["transformers"]["tokens_per_s"]
