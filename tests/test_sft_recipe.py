@@ -234,3 +234,25 @@ def test_forgetting_is_measured_on_the_bases_own_corpus(tmp_path):
     assert resolve_corpus("wikitext2-test", str(base)) == "wikitext2-test"
     assert resolve_corpus("auto", str(tmp_path / "missing")) == "tinyshakespeare"
     assert resolve_corpus("auto", "smollm2") == "tinyshakespeare"
+
+
+def test_dropout_override_reaches_every_site():
+    """``dropout=0`` makes a base built with dropout deterministic in train mode; raising from 0 is refused."""
+    from llmlab.errors import ConfigError
+    from llmlab.sft.recipe import set_dropout
+
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, dropout=0.5)
+    )
+    ids = torch.randint(0, 64, (2, 16))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))  # dropout is live
+    set_dropout(model, 0.0)
+    assert torch.equal(model(ids), model(ids)) and model.cfg.dropout == 0.0
+    model.eval()
+    reference = model(ids)
+    model.train()
+    torch.testing.assert_close(model(ids), reference)
+    with pytest.raises(ConfigError, match="without dropout"):
+        set_dropout(model, 0.1)

@@ -65,6 +65,9 @@ class SFTConfig:
     task_examples: int = 4000  # with data=tasks: how many training examples to generate
     skip_invalid: bool = False
     template: str = "auto"  # auto: the tokenizer's own chat template, else ChatML; "chatml": always ChatML
+    dropout: float | None = (
+        None  # None: the base's own; 0 switches it off (exact algorithmic answers learn faster)
+    )
     # forgetting controls
     freeze_layers: int = 0
     train_modules: list[str] = field(default_factory=list)
@@ -225,6 +228,27 @@ def resolve_corpus(name: str, base: str) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         return "tinyshakespeare"
     return corpus if isinstance(corpus, str) and corpus else "tinyshakespeare"
+
+
+def set_dropout(model: Any, p: float) -> None:
+    """Set the dropout probability of every dropout site the base was built with (residual and attention).
+
+    A base built without dropout has no sites (``nn.Identity``), so only lowering, or keeping, is possible.
+    """
+    import dataclasses
+
+    from torch import nn
+
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"config key 'dropout' must be in [0, 1), got {p}")
+    if p > 0 and model.cfg.dropout == 0:
+        raise ConfigError("config key 'dropout': the base was built without dropout, so it can only stay 0")
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        elif isinstance(getattr(module, "dropout", None), float):
+            module.dropout = p  # attention-probability dropout, passed to SDPA as dropout_p
+    model.cfg = dataclasses.replace(model.cfg, dropout=p)
 
 
 def load_base(base: str):
@@ -431,6 +455,8 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
     if tokenizer is None:
         raise ConfigError(f"{cfg.base}: the base has no tokenizer; SFT needs one to render chats")
     model = model.float()
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     if cfg.train.seq_len > model.cfg.max_seq_len:
         raise ConfigError(
             f"'train.seq_len' ({cfg.train.seq_len}) exceeds the model's max_seq_len ({model.cfg.max_seq_len})"
