@@ -34,13 +34,12 @@ from llmlab.align.data import (
     DataStats,
     EncodedPair,
     PairSource,
-    PreferencePair,
     UnpairedSource,
     encode_pairs,
     load_pairs,
-    record_to_pair,
     split_pairs,
 )
+from llmlab.align.rollout import OnPolicyConfig, gather_pairs
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
@@ -72,10 +71,7 @@ class AlignConfig:
     simpo_gamma: float = 0.5
     # "onpolicy:SOURCE" data (e.g. onpolicy:tasks): pairs from the starting policy's own samples, judged by
     # the verifier (see llmlab.align.rollout.verifier_pairs)
-    onpolicy_prompts: int = 2000
-    onpolicy_samples: int = 4
-    onpolicy_temperature: float = 1.0
-    onpolicy_max_tokens: int = 24
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     use_lora: bool = False
@@ -310,38 +306,12 @@ def prepare_policy(model: nn.Module, use_lora: bool, lora: Any, frozen_reference
     return copy.deepcopy(model).eval().requires_grad_(False) if frozen_reference else None
 
 
-def load_policy_pairs(
-    cfg: AlignConfig, src: str, model: nn.Module | None, tokenizer: Any, stats: DataStats
-) -> list[PreferencePair]:
-    """Pairs of one ``data`` entry: a file or named source, or ``onpolicy:SOURCE`` sampled from ``model``."""
-    if not src.startswith("onpolicy:"):
-        return load_pairs(src, cfg.skip_invalid, stats, cfg.max_pairs)
-    if model is None:
-        raise ConfigError(f"data source {src!r} samples the policy, so it needs the model")
-    from llmlab.align.rollout import verifier_pairs
-
-    records, info = verifier_pairs(
-        model,
-        tokenizer,
-        src.partition(":")[2],
-        cfg.max_pairs or cfg.onpolicy_prompts,
-        cfg.onpolicy_samples,
-        cfg.onpolicy_temperature,
-        cfg.onpolicy_max_tokens,
-        seed=cfg.train.seed,
-    )
-    stats.extra.update(info)
-    if not records:
-        raise ConfigError(
-            f"data source {src!r}: the policy solved every sampled prompt; no pairs to learn from"
-        )
-    return [record_to_pair(r, f"{src}:{i}") for i, r in enumerate(records)]
-
-
 def build_sources(
     cfg: AlignConfig, tokenizer: Any, stats: DataStats, model: nn.Module | None = None
 ) -> tuple[PairSource, PairSource]:
-    pairs = [p for src in cfg.data for p in load_policy_pairs(cfg, src, model, tokenizer, stats)]
+    pairs = gather_pairs(
+        cfg.data, model, tokenizer, stats, cfg.skip_invalid, cfg.max_pairs, cfg.onpolicy, cfg.train.seed
+    )
     if cfg.heldout is not None:
         train_pairs = pairs
         held_pairs = load_pairs(cfg.heldout, cfg.skip_invalid, stats, cfg.n_heldout)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from llmlab.align.data import Encoded, PairSource, encode_response, pad_sequences
 from llmlab.align.losses import bradley_terry_loss
+from llmlab.align.rollout import OnPolicyConfig
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
@@ -249,6 +250,8 @@ class RMConfig:
     max_pairs: int | None = None
     max_len: int = 256
     use_margin: bool = False  # use each pair's "margin" field in the loss
+    # "onpolicy:SOURCE" data: pairs sampled from the starting (SFT) model, judged by the verifier
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     skip_invalid: bool = False
     eval_batch_size: int = 16
     train: TrainConfig = field(
@@ -271,15 +274,20 @@ def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=N
 
     from llmlab.align.data import DataStats, encode_pairs, load_pairs, split_pairs
     from llmlab.align.offline import load_policy
+    from llmlab.align.rollout import gather_pairs
     from llmlab.train import Trainer
 
     cfg.validate()
     out = Path(out_dir)
     if model is None:
         model, tokenizer = load_policy(cfg.model)
-    rm = model if isinstance(model, RewardModel) else RewardModel.from_backbone(model)
     stats = DataStats()
-    pairs = [p for src in cfg.data for p in load_pairs(src, cfg.skip_invalid, stats, cfg.max_pairs)]
+    # On-policy sources sample the causal LM before it becomes the reward model's trunk.
+    policy = None if isinstance(model, RewardModel) else model
+    pairs = gather_pairs(
+        cfg.data, policy, tokenizer, stats, cfg.skip_invalid, cfg.max_pairs, cfg.onpolicy, cfg.train.seed
+    )
+    rm = model if isinstance(model, RewardModel) else RewardModel.from_backbone(model)
     if cfg.heldout is not None:
         train_pairs, held_pairs = pairs, load_pairs(cfg.heldout, cfg.skip_invalid, stats, cfg.n_heldout)
     else:

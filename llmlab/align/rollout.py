@@ -231,6 +231,16 @@ def evaluate_problems(
     return res
 
 
+@dataclass
+class OnPolicyConfig:
+    """How ``onpolicy:SOURCE`` preference data is sampled from the starting policy."""
+
+    prompts: int = 2000  # training-split problems to sample (``max_pairs`` caps it when set)
+    samples: int = 4  # completions per problem
+    temperature: float = 1.0
+    max_tokens: int = 24
+
+
 @torch.no_grad()
 def verifier_pairs(
     model: nn.Module,
@@ -278,3 +288,44 @@ def verifier_pairs(
         "onpolicy_pairs": len(pairs),
     }
     return pairs, stats
+
+
+def gather_pairs(
+    sources: Sequence[str],
+    model: nn.Module | None,
+    tokenizer: Any,
+    stats: Any,
+    skip_invalid: bool = False,
+    limit: int | None = None,
+    onpolicy: OnPolicyConfig | None = None,
+    seed: int = 0,
+) -> list[Any]:
+    """Preference pairs of every source: a file or named source (:func:`llmlab.align.data.load_pairs`), or
+    ``onpolicy:SOURCE`` sampled from ``model`` and judged by the verifier (:func:`verifier_pairs`)."""
+    from llmlab.align.data import load_pairs, record_to_pair
+
+    onpolicy = onpolicy or OnPolicyConfig()
+    out = []
+    for src in sources:
+        if not src.startswith("onpolicy:"):
+            out += load_pairs(src, skip_invalid, stats, limit)
+            continue
+        if model is None:
+            raise ConfigError(f"data source {src!r} samples the policy, so it needs the model")
+        records, info = verifier_pairs(
+            model,
+            tokenizer,
+            src.partition(":")[2],
+            limit or onpolicy.prompts,
+            onpolicy.samples,
+            onpolicy.temperature,
+            onpolicy.max_tokens,
+            seed=seed,
+        )
+        stats.extra.update(info)
+        if not records:
+            raise ConfigError(
+                f"data source {src!r}: the policy solved every sampled prompt; no pairs to learn from"
+            )
+        out += [record_to_pair(r, f"{src}:{i}") for i, r in enumerate(records)]
+    return out
