@@ -256,3 +256,46 @@ def test_dropout_override_reaches_every_site():
     torch.testing.assert_close(model(ids), reference)
     with pytest.raises(ConfigError, match="without dropout"):
         set_dropout(model, 0.1)
+
+
+def test_replay_kd_distills_replay_rows_to_the_base(base_dir, tmp_path):
+    """``replay_loss=kd``: SFT rows keep their next-token loss; replay rows add KL(base || model), which is
+    exactly 0 while the model is the base, and the run trains end to end (full and LoRA)."""
+    from llmlab.data import tasks
+    from llmlab.sft.datasets import Conversation, encode_conversations
+    from llmlab.sft.recipe import replay_kd_loss
+    from llmlab.train import causal_lm_loss
+
+    base, tok = load_checkpoint(base_dir)
+    convs = [Conversation(r["messages"], f"t:{i}") for i, r in enumerate(tasks.make_sft_examples(40))]
+    examples = encode_conversations(tok, convs, max_len=96)
+    replay = (torch.arange(500) % 60).numpy()
+    src = SFTBatchSource(examples, 4, 96, tok.pad_id, replay=replay, replay_fraction=0.5)
+    batch = next(b for b in (src.batch_at(k) for k in range(20)) if 0 < int(b["replay_rows"].sum()) < 4)
+    rows = batch["replay_rows"]
+    out = replay_kd_loss(base)(base, batch)
+    sft_only = {**batch, "labels": batch["labels"].masked_fill(rows[:, None], -100)}
+    want = causal_lm_loss(base, sft_only)
+    torch.testing.assert_close(out.loss_sum, want.loss_sum, rtol=1e-5, atol=1e-4)  # KD term is 0
+    assert out.weight == want.weight + float(rows.sum()) * batch["input_ids"].shape[1]
+    other = Transformer(base.cfg)  # a different model: the KD term is positive
+    assert replay_kd_loss(base)(other, batch).metrics["replay_kd"] > 0.01
+
+    for peft in ("none", "lora"):
+        cfg = load_sft_config(
+            None,
+            None,
+            [
+                *FAST,
+                f"base={base_dir}",
+                "data=tasks",
+                "replay_fraction=0.5",
+                "replay_loss=kd",
+                "replay_corpus=tinyshakespeare",
+                "max_steps=3",
+                "task_eval_per_task=0",
+                f"peft={peft}",
+            ],
+        )
+        report = run_sft(cfg, tmp_path / peft)
+        assert report["train"]["steps"] == 3

@@ -374,6 +374,8 @@ class SFTBatchSource:
         if len(self.replay) < width + 2:
             raise DataError(f"replay corpus has {len(self.replay)} tokens, fewer than one row of {width + 1}")
         offsets = rng.integers(0, len(self.replay) - width - 1, size=len(use))
+        # Which rows are pretraining text: a loss may treat them differently (e.g. distill to the base).
+        batch["replay_rows"] = torch.from_numpy(use.copy())
         for b in np.nonzero(use)[0]:
             window = torch.from_numpy(self.replay[offsets[b] : offsets[b] + width + 1].astype(np.int64))
             batch["input_ids"][b], batch["labels"][b] = window[:-1], window[1:]

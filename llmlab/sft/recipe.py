@@ -73,6 +73,10 @@ class SFTConfig:
     train_modules: list[str] = field(default_factory=list)
     replay_fraction: float = 0.0
     replay_corpus: str = "auto"  # auto: the base's own pretraining corpus when recorded, else tinyshakespeare
+    # "ce": next-token loss on replay rows; "kd": KL to the frozen base's predictions on them (learning without
+    # forgetting). With a small pretraining corpus, "ce" replay is memorized and held-out text still degrades;
+    # "kd" targets what the base predicts, so it cannot fit the replay text better than the base does.
+    replay_loss: str = "ce"
     l2sp: float = 0.0
     early_stop_patience: int = 0  # 0: off
     early_stop_rise: float = 0.1  # relative rise of the general-text loss over the base that counts as bad
@@ -91,6 +95,8 @@ class SFTConfig:
     def validate(self) -> None:
         if self.peft not in PEFT_MODES:
             raise ConfigError(f"config key 'peft' must be one of {list(PEFT_MODES)}, got {self.peft!r}")
+        if self.replay_loss not in ("ce", "kd"):
+            raise ConfigError(f"config key 'replay_loss' must be 'ce' or 'kd', got {self.replay_loss!r}")
         if self.template not in ("auto", "chatml"):
             raise ConfigError(f"config key 'template' must be 'auto' or 'chatml', got {self.template!r}")
         if self.truncation not in ("right", "drop", "off"):
@@ -351,8 +357,63 @@ def task_exact_match(
 
 
 # ----------------------------------------------------------------------------------------- losses
-def make_loss_fn(model: Any, l2sp: float):
-    """Causal-LM loss on assistant tokens, plus an optional L2-SP pull toward the pretrained weights.
+def replay_teacher(model: Any, cfg: SFTConfig):
+    """The replay-KD loss over a frozen copy of the base, or None when replay rows use plain next-token loss."""
+    if cfg.replay_fraction <= 0 or cfg.replay_loss != "kd":
+        return None
+    if cfg.peft != "none":
+        from llmlab.model.lora import disable_adapter
+
+        def teacher(ids: Any, **kw: Any) -> Any:  # the base is the same weights with the adapter off
+            with disable_adapter(model):
+                return model(ids, **kw)
+
+        return replay_kd_loss(teacher)
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    return replay_kd_loss(frozen)
+
+
+def replay_kd_loss(teacher: Any):
+    """Causal-LM loss on the SFT rows plus, on replay rows, ``KL(p_base || p_model)`` at every position.
+
+    ``teacher`` is a frozen copy of the base (or a callable giving its logits). Replay tokens count with
+    weight 1 each, like a labelled token, so ``replay_fraction`` keeps its meaning.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from llmlab.distill.recipe import kd_loss
+    from llmlab.train import LossOutput, causal_lm_loss
+    from llmlab.train.trainer import MODEL_KWARGS
+
+    def loss_fn(m: Any, batch: dict) -> LossOutput:
+        rows = batch.get("replay_rows")
+        if rows is None or not bool(rows.any()):
+            return causal_lm_loss(m, batch)
+        kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
+        logits = m(batch["input_ids"], **kwargs)
+        labels = batch["labels"].clone()
+        labels[rows] = -100
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=-100,
+            reduction="sum",
+        )
+        sub = {k: v[rows] for k, v in kwargs.items()}
+        with torch.no_grad():
+            target = teacher(batch["input_ids"][rows], **sub)
+        kd = kd_loss(logits[rows], target).sum()
+        n_kd = float(rows.sum()) * batch["input_ids"].shape[1]
+        weight = float((labels != -100).sum()) + n_kd
+        return LossOutput(ce + kd, weight, {"replay_kd": float(kd.detach()) / n_kd})
+
+    return loss_fn
+
+
+def make_loss_fn(model: Any, l2sp: float, base_loss: Any = None):
+    """Causal-LM loss on assistant tokens (or ``base_loss``), plus an optional L2-SP pull toward the
+    pretrained weights.
 
     The penalty is added as ``l2sp * ||theta - theta_0||^2 * weight`` so that, after the trainer divides by
     the step's total weight, it contributes exactly ``l2sp * ||theta - theta_0||^2`` once per step.
@@ -360,6 +421,7 @@ def make_loss_fn(model: Any, l2sp: float):
     from llmlab.model.lora import lora_layers
     from llmlab.train import LossOutput, causal_lm_loss
 
+    causal_lm_loss = base_loss or causal_lm_loss
     if l2sp <= 0:
         return causal_lm_loss
     loras = [m for _, m in lora_layers(model)]
@@ -583,7 +645,7 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         model,
         cfg.train,
         _StoppableSource(source, flag),
-        loss_fn=make_loss_fn(model, cfg.l2sp),
+        loss_fn=make_loss_fn(model, cfg.l2sp, replay_teacher(model, cfg)),
         eval_fn=eval_fn,
         tokenizer=tokenizer,
         out_dir=out_dir,
