@@ -86,7 +86,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if origin in (list, tuple):
             (item_tp, *_) = typing.get_args(base) or (Any,)
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip().startswith("["):
+                value = yaml.safe_load(value)  # a YAML list: items may contain commas if quoted
+                if not isinstance(value, list):
+                    raise ValueError(value)
+            elif isinstance(value, str):
                 value = [v for v in value.split(",") if v != ""]
             items = [coerce(v, item_tp, key) for v in value]
             return items if origin is list else tuple(items)

@@ -83,3 +83,14 @@ def test_model_presets_validate_and_impossible_shape_is_named():
         cfg.validate()
     with pytest.raises(ConfigError, match="n_kv_heads"):
         build_config(ModelConfig, overrides=["n_heads=6", "n_kv_heads=4", "d_model=384"])
+
+
+def test_list_override_accepts_a_yaml_list_with_commas_inside_items():
+    from llmlab.align.offline import AlignConfig
+    from llmlab.config import set_key
+
+    cfg = AlignConfig()
+    set_key(cfg, "data", "tasks,hh-rlhf")
+    assert cfg.data == ["tasks", "hh-rlhf"]
+    set_key(cfg, "data", '["onpolicy:tasks:addition,json", tasks]')
+    assert cfg.data == ["onpolicy:tasks:addition,json", "tasks"]
