@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "llmlab.train.cli",  # pretrain
     "llmlab.sft.cli",  # sft
     "llmlab.align.cli",  # rm, align, ppo, grpo
+    "llmlab.distill.cli",  # distill
     "llmlab.infer.cli",  # generate, chat
     "llmlab.quant.cli",  # quantize
     "llmlab.eval.cli",  # eval
