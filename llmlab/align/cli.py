@@ -71,14 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Preference-optimize 'model=CKPT' on preference pairs (data=[tasks], hh-rlhf, gsm8k-pairs or a JSONL). "
             "The reference log-probs are computed once and cached; with use_lora=true the reference is the base "
-            "with the adapter disabled. Presets: smollm2-dpo-lora."
+            "with the adapter disabled. Presets: tiny-dpo, smollm2-dpo-lora."
         ),
     )
     al.add_argument("--loss", choices=["dpo", "ipo", "kto", "orpo", "simpo"], default=None, help="objective")
     al.add_argument(
         "--skip-invalid", action="store_true", help="count and skip malformed pairs instead of stopping"
     )
-    _common(al, "smollm2-dpo-lora")
+    _common(al, "tiny-dpo, smollm2-dpo-lora")
     al.set_defaults(func=_align)
 
     ppo = subparsers.add_parser(

@@ -103,6 +103,19 @@ class AlignConfig:
 
 
 ALIGN_PRESETS: dict[str, AlignConfig] = {
+    # DPO of the tiny SFT model (pass model=...) on its own verifier-judged samples of task-suite prompts,
+    # with the chosen response's NLL added (rpo_alpha), a few CPU minutes.
+    "tiny-dpo": AlignConfig(
+        data=["onpolicy:tasks"],
+        loss="dpo",
+        beta=0.1,
+        rpo_alpha=1.0,
+        max_len=128,
+        n_heldout=100,
+        train=preference_train_config(
+            lr=1e-4, min_lr=1e-5, warmup_steps=5, max_steps=150, batch_size=16, eval_every=0, log_every=10
+        ),
+    ),
     # LoRA DPO of SmolLM2-135M-Instruct on hh-rlhf pairs on a CPU.
     "smollm2-dpo-lora": AlignConfig(
         model="smollm2",
