@@ -62,7 +62,17 @@ def win_rate(sft, policy, tok, n_per_task: int = 20) -> dict:
     }
 
 
-def dpo_outcome(sft, tok, out: Path, lr: float = 1e-4, rpo_alpha: float = 1.0, beta: float = 0.1) -> dict:
+def dpo_outcome(
+    sft,
+    tok,
+    out: Path,
+    lr: float = 1e-4,
+    rpo_alpha: float = 1.0,
+    beta: float = 0.1,
+    data: str = "onpolicy:tasks",
+) -> dict:
+    """DPO on the SFT model's own verifier-judged samples (``onpolicy:tasks``; ``data="tasks"`` uses the
+    suite's synthetic wrong answers instead, which measured 4 wins / 15 losses)."""
     from llmlab.align.offline import AlignConfig, run_offline
 
     policy = copy.deepcopy(sft)
@@ -72,7 +82,7 @@ def dpo_outcome(sft, tok, out: Path, lr: float = 1e-4, rpo_alpha: float = 1.0, b
         )
     )
     cfg = AlignConfig(
-        data=["tasks"],
+        data=[data],
         max_pairs=2000,
         n_heldout=200,
         max_len=128,
@@ -82,7 +92,8 @@ def dpo_outcome(sft, tok, out: Path, lr: float = 1e-4, rpo_alpha: float = 1.0, b
         rpo_alpha=rpo_alpha,
     )
     t = time.perf_counter()
-    m = run_offline(cfg, out / f"dpo_lr{lr}_rpo{rpo_alpha}_b{beta}", model=policy, tokenizer=tok)
+    tag = data.replace(":", "_")
+    m = run_offline(cfg, out / f"dpo_{tag}_lr{lr}_rpo{rpo_alpha}_b{beta}", model=policy, tokenizer=tok)
     res = {
         "val_reward_accuracy": m["val_reward_accuracy"],
         "val_reward_margin": m["val_reward_margin"],
@@ -249,7 +260,9 @@ def sft_model(tmp_path_factory):
 
 
 @pytest.mark.xfail(
-    reason="issue 4 target not met yet: DPO verifier win-rate vs SFT was 4/15 decided games", strict=False
+    reason="issue 4 target not met on this from-scratch SFT model: on-policy DPO 4 wins / 10 losses, synthetic "
+    "pairs 3 / 4 (65.2% was reached once, on a weaker 32%-exact-match SFT model; see BENCHMARKS.md)",
+    strict=False,
 )
 def test_dpo_beats_sft(sft_model, tmp_path):
     r = dpo_outcome(*sft_model, tmp_path)
@@ -264,7 +277,9 @@ def test_grpo_improves_a_task(sft_model, tmp_path):
 
 
 @pytest.mark.xfail(
-    reason="issue 4 target not met yet: RM score 1.565 -> 1.571 only, falls at higher lr", strict=False
+    reason="issue 4 target not met convincingly: RM score 1.565 -> 1.571 (synthetic-pair RM); with an on-policy "
+    "RM first-5 1.70 -> last-5 1.89 but first-10 1.63 -> last-10 1.61 (BENCHMARKS.md)",
+    strict=False,
 )
 def test_ppo_raises_reward_within_kl(sft_model, tmp_path):
     r = ppo_outcome(*sft_model, tmp_path)
@@ -296,6 +311,7 @@ if __name__ == "__main__":
     fns = {
         "dpo": dpo_outcome,
         "dpo_plain": lambda s, t, o: dpo_outcome(s, t, o, 3e-4, 0.0, 0.1),
+        "dpo_synthetic": lambda s, t, o: dpo_outcome(s, t, o, data="tasks"),
         "grpo_all": lambda s, t, o: grpo_outcome(s, t, o, "tasks", 1.0),
         "ppo_fast": lambda s, t, o: ppo_outcome(s, t, o, 2e-4, "_lr2e-4"),
         "hack_slow_lr": lambda s, t, o: hack_outcome(s, t, o, 1e-4, "_lr1e-4"),
