@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmlab.errors import ConfigError
 from llmlab.train.config import TrainConfig
+from llmlab.train.logging import jsonable
 
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from torch import Tensor, nn
@@ -538,7 +538,7 @@ def run_distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -
         eval_fn=make_eval_fn(teacher, eval_batches),
         tokenizer=tokenizer,
         out_dir=out_dir,
-        extra_config={"distill": _jsonable(dataclasses.asdict(cfg))},
+        extra_config={"distill": jsonable(dataclasses.asdict(cfg))},
     )
     teacher.to(trainer.device)
     n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
@@ -581,18 +581,8 @@ def run_distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -
         )
     report["seconds"] = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "distill_report.json").write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
+    (out_dir / "distill_report.json").write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
     return report
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def format_report(report: dict[str, Any]) -> str:

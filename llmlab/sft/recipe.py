@@ -35,6 +35,7 @@ from typing import Any
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig
+from llmlab.train.logging import jsonable
 
 PEFT_MODES = ("none", "lora", "qlora")
 # Flat override aliases accepted by ``llmlab sft`` (``lora_r=8`` is ``lora.r=8``).
@@ -664,7 +665,7 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         eval_fn=eval_fn,
         tokenizer=tokenizer,
         out_dir=out_dir,
-        extra_config={"sft": _jsonable(dataclasses.asdict(cfg))},
+        extra_config={"sft": jsonable(dataclasses.asdict(cfg))},
     )
     trainer_ref.append(trainer)
     if resume:
@@ -690,18 +691,8 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["seconds"] = time.time() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sft_report.json").write_text(json.dumps(_jsonable(report), indent=2), encoding="utf-8")
+    (out_dir / "sft_report.json").write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
     return report
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -93,6 +93,17 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def jsonable(obj: Any) -> Any:
+    """A run report made JSON-safe: keys as strings, tuples as lists, NaN/inf as null."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
