@@ -163,6 +163,28 @@ def set_key(obj: Any, dotted: str, raw: Any, prefix: str = "") -> None:
     setattr(obj, head, coerce(raw, types_[head], prefix + head))
 
 
+def qualify_key(
+    cls: type,
+    key: str,
+    sections: dict[str, type] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> str:
+    """A flat override key resolved for ``cls``: an alias (``lora_r`` -> ``lora.r``), a dotted or top-level
+    key as is, else the first nested section whose dataclass has the field (``max_steps`` ->
+    ``train.max_steps``). Unknown keys raise :class:`ConfigError` naming the key."""
+    aliases = aliases or {}
+    if key in aliases:
+        return aliases[key]
+    own = {f.name for f in dataclasses.fields(cls)}
+    if "." in key or key in own:
+        return key
+    for name, section in (sections or {}).items():
+        if key in {f.name for f in dataclasses.fields(section)}:
+            return f"{name}.{key}"
+    known = sorted(own | set(aliases))
+    raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known)}, and train.* keys)")
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for item in items:

@@ -199,12 +199,9 @@ DISTILL_PRESETS: dict[str, DistillConfig] = {
 
 def qualify_key(key: str) -> str:
     """``max_steps`` -> ``train.max_steps``; dotted and top-level keys pass through."""
-    if "." in key or key in {f.name for f in dataclasses.fields(DistillConfig)}:
-        return key
-    if key in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return f"train.{key}"
-    known = sorted(f.name for f in dataclasses.fields(DistillConfig))
-    raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known)}, and train.* keys)")
+    from llmlab.config import qualify_key as qualify
+
+    return qualify(DistillConfig, key, {"train": TrainConfig})
 
 
 def load_distill_config(

@@ -208,16 +208,9 @@ SFT_PRESETS: dict[str, SFTConfig] = {
 
 def qualify_key(key: str) -> str:
     """``max_steps`` -> ``train.max_steps``, ``lora_r`` -> ``lora.r``; dotted and top-level keys pass through."""
-    if key in ALIASES:
-        return ALIASES[key]
-    if "." in key or key in {f.name for f in dataclasses.fields(SFTConfig)}:
-        return key
-    if key in {f.name for f in dataclasses.fields(TrainConfig)}:
-        return f"train.{key}"
-    if key in {f.name for f in dataclasses.fields(LoRAConfig)}:
-        return f"lora.{key}"
-    known = sorted({f.name for f in dataclasses.fields(SFTConfig)} | set(ALIASES))
-    raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known)}, and train.* keys)")
+    from llmlab.config import qualify_key as qualify
+
+    return qualify(SFTConfig, key, {"train": TrainConfig, "lora": LoRAConfig}, ALIASES)
 
 
 def load_sft_config(
