@@ -25,6 +25,27 @@ import time
 
 
 def hf_model(cfg):
+    """The transformers model of the same shape: GPT2LMHeadModel for the gpt2 arch, else LlamaForCausalLM."""
+    if cfg.arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(
+            GPT2Config(
+                vocab_size=cfg.vocab_size,
+                n_positions=cfg.max_seq_len,
+                n_embd=cfg.d_model,
+                n_layer=cfg.n_layers,
+                n_head=cfg.n_heads,
+                n_inner=cfg.ffn_dim,
+                activation_function="gelu_new",
+                layer_norm_epsilon=cfg.norm_eps,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                tie_word_embeddings=cfg.tie_embeddings,
+                attn_implementation="sdpa",
+            )
+        )
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(
@@ -54,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per side per round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--no-compile", action="store_true", help="skip the llmlab compile=True side")
     parser.add_argument("--no-hf", action="store_true", help="llmlab only")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -83,8 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
         tensorboard=False,
         plot=False,
         peak_tflops=1.0,
-        device="cpu",
+        device=args.device,
     )
+    device = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
 
     def batch() -> dict[str, torch.Tensor]:
@@ -105,14 +128,15 @@ def main(argv: list[str] | None = None) -> dict:
     # transformers: the plain loop everyone writes, with the same optimizer settings and param groups.
     if not args.no_hf:
         torch.manual_seed(0)
-        theirs = hf_model(cfg).train()
+        theirs = hf_model(cfg).to(device).train()
         opt = build_optimizer(theirs, tcfg)
 
         def step_hf() -> None:
             b = batch()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = theirs(input_ids=b["input_ids"]).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), b["labels"].flatten())
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                logits = theirs(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
             opt.step()
@@ -130,11 +154,13 @@ def main(argv: list[str] | None = None) -> dict:
             for _ in range(args.steps):
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
+                if device.type == "cuda":  # kernels run asynchronously: time to their end
+                    torch.cuda.synchronize(device)
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
 
-    peak = measure_peak_tflops("cpu", torch.bfloat16)
-    one_thread = torch.get_num_threads() == 1
+    peak = measure_peak_tflops(device, torch.bfloat16)
+    one_thread = device.type == "cpu" and torch.get_num_threads() == 1
     # The CPU-time figures divide by a peak timed on the same clock, so the fraction stays self-consistent.
     cpu_peak = measure_peak_tflops("cpu", torch.bfloat16, cpu_time=True) if one_thread else None
     fpt = flops_per_token(cfg, args.seq, training=True)
@@ -144,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params_M": round(ours.num_params() / 1e6, 2),
         "batch": [args.batch, args.seq],
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "bf16_peak_tflops": round(peak, 3),
         "sides": {},
     }
@@ -165,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             result["sides"][name]["cpu_mfu"] = round(cpu_tps * fpt / (cpu_peak * 1e12), 4)
     print(
         f"training throughput, {args.preset} ({result['params_M']}M params), batch {args.batch} x {args.seq}, "
-        f"bf16 autocast, fused AdamW, {result['threads']} threads; bf16 matmul peak measured {peak:.2f} TFLOP/s"
+        f"bf16 autocast, fused AdamW, {result['device']}, {result['threads']} threads; bf16 matmul peak measured {peak:.2f} TFLOP/s"
         + (f" (wall), {cpu_peak:.2f} (CPU time)" if cpu_peak is not None else "")
     )
     for name, r in result["sides"].items():

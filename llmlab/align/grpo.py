@@ -135,7 +135,7 @@ def run_grpo(
 
     cfg.validate()
     if model is None:
-        model, tokenizer = load_policy(cfg.model)
+        model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)

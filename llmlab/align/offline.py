@@ -294,16 +294,19 @@ def make_offline_eval(cfg: AlignConfig, source: PairSource):
 
 
 # ------------------------------------------------------------------------------------------ runner
-def load_policy(path: str) -> tuple[nn.Module, Any]:
-    """A model and tokenizer from an llmlab checkpoint, an HF dir, a GGUF file (``llmlab.load``) or ``smollm2``."""
+def load_policy(path: str, device: str = "cpu") -> tuple[nn.Module, Any]:
+    """A model and tokenizer from an llmlab checkpoint, an HF dir, a GGUF file (``llmlab.load``) or ``smollm2``,
+    on ``device`` (a ``TrainConfig.device`` name: pass the stage's own, so that rollouts, cached reference
+    log-probs and frozen copies are made where the Trainer will train)."""
     if not path:
         raise ConfigError("config key 'model' is required: the checkpoint to start from")
     from llmlab.sft.recipe import load_base
+    from llmlab.train.distributed import local_device
 
     model, tok = load_base(path)
     if tok is None:
         raise ConfigError(f"{path}: has no tokenizer; preference training needs one")
-    return model, tok
+    return model.to(local_device(device)), tok
 
 
 def prepare_policy(model: nn.Module, use_lora: bool, lora: Any, frozen_reference: bool) -> nn.Module | None:
@@ -349,7 +352,7 @@ def attach_reference(
     if cfg.ref is not None:
         from llmlab.align.reward_model import check_same_tokenizer
 
-        ref_model, ref_tok = load_policy(cfg.ref)
+        ref_model, ref_tok = load_policy(cfg.ref, cfg.train.device)
         check_same_tokenizer(tokenizer, ref_tok, f"reference {cfg.ref}")
         ref_model.to(next(model.parameters()).device)
         for i, s in enumerate(sources):
@@ -372,7 +375,7 @@ def run_offline(
 
     cfg.validate()
     if model is None:
-        model, tokenizer = load_policy(cfg.model)
+        model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
     prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=False)  # its reference is cached
     stats = DataStats()

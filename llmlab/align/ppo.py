@@ -217,7 +217,7 @@ def run_ppo(
 
     cfg.validate()
     if model is None:
-        model, tokenizer = load_policy(cfg.model)
+        model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
     device = next(model.parameters()).device
     scorer = make_scorer(cfg, tokenizer, device)

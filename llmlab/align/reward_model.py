@@ -280,7 +280,7 @@ def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=N
     cfg.validate()
     out = Path(out_dir)
     if model is None:
-        model, tokenizer = load_policy(cfg.model)
+        model, tokenizer = load_policy(cfg.model, cfg.train.device)
     stats = DataStats()
     # On-policy sources sample the causal LM before it becomes the reward model's trunk.
     policy = None if isinstance(model, RewardModel) else model

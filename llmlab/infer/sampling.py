@@ -193,6 +193,8 @@ def sample_from(processed: Tensor, params: SamplingParams, generator: torch.Gene
     if params.greedy:
         return int(processed.argmax(dim=-1))
     probs = F.softmax(processed, dim=-1)
+    if generator is not None:  # seeded generators live on the CPU, so a seed draws alike on every device
+        probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -97,12 +97,13 @@ def ngram_propose(tokens: list[int], k: int, n_max: int = 3, n_min: int = 1) -> 
 
 
 def _probs(processed: Tensor, params: SamplingParams) -> Tensor:
-    """Sampling distribution of processed logits ``[1, V]`` (one-hot on the argmax when greedy)."""
+    """Sampling distribution of processed logits ``[1, V]`` (one-hot on the argmax when greedy), on the CPU:
+    the draws use the request's CPU generator, and every row is read back right away anyway."""
     if params.greedy:
         out = torch.zeros(processed.shape[-1])
         out[int(processed.argmax())] = 1.0
         return out
-    return torch.softmax(processed.reshape(-1), dim=-1)
+    return torch.softmax(processed.reshape(-1).float(), dim=-1).cpu()
 
 
 # ---------------------------------------------------------------------------------- the driver

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune a base model on conversations with loss on assistant tokens only. Data: a JSON/JSONL "
             "file (Alpaca instruction/input/output, chat messages, prompt/completion or question/answer; .gz "
             "ok), a shipped set (alpaca, gsm8k, math) or 'tasks' (the verifiable task suite). Settings come "
-            "from --preset (tiny-tasks, tiny-tasks-quick, tiny-tasks-gentle, tiny-tasks-lora, smollm2-lora, smollm2-qlora), then "
+            "from --preset (tiny-tasks, tiny-tasks-full, tiny-tasks-quick, tiny-tasks-gentle, tiny-tasks-lora, smollm2-lora, smollm2-qlora), then "
             "--config YAML, then key=value overrides such as max_steps=50 lora_r=16 lora_alpha=32 lr=1e-4 "
             "replay_fraction=0.2 l2sp=1e-3 freeze_layers=2. The report shows SFT val loss, general-text "
             "loss (forgetting) and task exact match before and after."

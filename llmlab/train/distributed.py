@@ -37,14 +37,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def local_device(name: str = "auto") -> torch.device:
+    """This rank's device: ``resolve_device(name)``, on GPU the one numbered ``LOCAL_RANK`` under torchrun.
+
+    Stages that build frozen copies (reference, teacher, reward model) put the model here before copying, so
+    the copies land where the Trainer will put the policy.
+    """
+    dev = resolve_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group if launched by ``torchrun`` (``WORLD_SIZE`` > 1); pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)
+    dev = local_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
