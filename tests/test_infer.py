@@ -386,6 +386,57 @@ def test_sliding_window_matches_full_forward():
         assert o.token_ids == seq[len(q) :]
 
 
+def windowed_greedy(m, prompt: list[int], n: int) -> list[int]:
+    """Greedy tokens from full forwards with no cache: the model's own windowed mask over everything."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_sliding_window_frees_blocks_outside_the_window():
+    """Mistral-style window without sinks: blocks no query can see go back to the pool as decoding runs,
+    so memory stays bounded by the window, and the tokens still equal full windowed forwards."""
+    window, bs = 8, 4
+    m = model(max_seq_len=96)
+    llm = LLM.from_model(m, None, sliding_window=window, block_size=bs, max_batch_size=2, prefill_chunk=8)
+    # Different prompt lengths: the rows free different numbers of blocks (the per-row mask path), and a
+    # 30-token prompt is prefilled in 8-token chunks that free blocks as they go.
+    ps = [prompts(1, seed=12, lo=30, hi=31)[0], prompts(1, seed=13, lo=5, hi=6)[0]]
+    rids = [llm.add_request(q, SamplingParams(max_tokens=40, ignore_eos=True)) for q in ps]
+    outs, peak_live, most_dropped = {}, 0, 0
+    while llm.has_unfinished():
+        for o in llm.step():
+            outs[o.request_id] = o
+        for r in llm.running:
+            seq = llm.cache.seqs[r.seq_id]
+            peak_live, most_dropped = max(peak_live, len(seq.blocks)), max(most_dropped, seq.dropped)
+            assert seq.dropped * bs <= max(0, seq.length - window + 1)  # only unreachable keys were freed
+    assert most_dropped >= 10  # ~70 tokens: all but the last few blocks were freed
+    assert peak_live <= -(-(window + 1) // bs) + 1  # window + the new token, plus block alignment
+    for rid, q in zip(rids, ps, strict=True):
+        assert outs[rid].token_ids == windowed_greedy(m, q, 40)
+    assert llm.cache.num_free_blocks == llm.cache.num_blocks  # nothing leaked
+    # A pool far smaller than the sequences: it still runs, because only the window is held.
+    small = LLM.from_model(m, None, sliding_window=window, block_size=bs, num_blocks=6, prefill_chunk=4)
+    out = small.generate([ps[0]], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    assert out.token_ids == outs[rids[0]].token_ids and out.finish_reason == "length"
+
+
+def test_sliding_window_with_speculative_rollback():
+    """Prompt-lookup drafts are verified and rolled back on a windowed cache without touching freed blocks."""
+    m = model(max_seq_len=96)
+    q = prompts(1, seed=14, lo=6, hi=7)[0] * 4  # repetitive: prompt lookup finds drafts
+    llm = LLM.from_model(
+        m, None, sliding_window=8, block_size=4, speculative={"method": "ngram", "num_tokens": 3}
+    )
+    out = llm.generate([q], SamplingParams(max_tokens=30, ignore_eos=True))[0]
+    assert out.token_ids == windowed_greedy(m, q, 30)
+    assert llm.speculative.stats["proposed"] > 0
+    assert llm.cache.num_free_blocks == llm.cache.num_blocks
+
+
 # ------------------------------------------------------------------------------------------- CLI
 def test_cli_generate_and_errors(tmp_path, capsys):
     from llmlab.cli import main

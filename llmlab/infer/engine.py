@@ -112,7 +112,7 @@ class LLM:
     Options: ``max_batch_size`` (running requests at once), ``block_size`` and ``kv_cache_mb`` (paged cache
     pool; ``num_blocks`` overrides the size), ``max_model_len`` (context; defaults to the model's, times the
     RoPE scaling factor), ``rope_scaling`` (dict or :class:`RopeScaling`: run past the trained context),
-    ``sliding_window``, ``attention_sinks=(S, W)`` (StreamingLLM: bounded memory, unbounded length),
+    ``sliding_window`` (blocks the window has passed are freed: memory bounded by the window), ``attention_sinks=(S, W)`` (StreamingLLM: bounded memory, unbounded length),
     ``prefill_chunk`` (tokens per prefill forward), ``dtype``, ``seed`` (for unseeded sampled requests),
     ``fast`` (fused decode path, on by default where the model allows it; ``fast="int8"``/``"int4"`` also
     store its matmul weights quantized -- faster batch-1 decode, no longer bit-exact), ``speculative``
@@ -197,6 +197,8 @@ class LLM:
         if num_blocks is None:
             per_block = PagedKVCache.bytes_per_token(cfg, self.dtype) * block_size
             want_len = self.max_model_len or (sum(self.attention_sinks) + 2 * block_size)
+            if self.attention_sinks is None and cfg.sliding_window is not None:  # the cache frees the rest
+                want_len = min(want_len, cfg.sliding_window + prefill_chunk + 2 * block_size)
             wanted = max_batch_size * -(-want_len // block_size) + 1
             num_blocks = max(1, min(wanted, int(kv_cache_mb * 2**20) // per_block))
         inv_freq = model.rotary.inv_freq if getattr(model, "rotary", None) is not None else None
@@ -276,7 +278,8 @@ class LLM:
             )
         if (
             self.speculative is None
-            and self.cache.blocks_needed(None, len(prompt_ids) + 1) > self.cache.num_blocks
+            and self.cache.blocks_needed(None, len(prompt_ids) + 1, self.prefill_chunk)
+            > self.cache.num_blocks
         ):
             raise LLMLabError(
                 f"prompt has {len(prompt_ids)} tokens; the KV cache holds only "
@@ -342,7 +345,7 @@ class LLM:
         admitted = []
         while self.waiting and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
-            need = self.cache.blocks_needed(None, req.num_tokens + 1)
+            need = self.cache.blocks_needed(None, req.num_tokens + 1, self.prefill_chunk)
             if need > self.cache.num_free_blocks:
                 break
             self.waiting.popleft()

@@ -18,6 +18,12 @@ memory stays bounded however long generation runs. Positions are *positions in t
 paper), so a query never sees a relative distance the model was not trained on. When a block is evicted
 the keys after it move ``block_size`` positions down: they are re-rotated by ``-block_size`` with RoPE
 (a rotation composes with a rotation), which is exact for every static RoPE scaling.
+
+**Sliding window (Mistral).** Without sinks, a model whose config has ``sliding_window=W`` frees every
+block whose keys no later query can see (all positions ``<= length - W``) before each forward, and gathers
+keys only from the oldest block still held, so both memory and attention cost stay bounded by the window
+while positions keep their absolute values (nothing is re-rotated). Rollback (``truncate``) never needs a
+freed block: it only drops tokens added after the forward that freed them.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class _Seq:
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # tokens held in the cache (after evictions)
     evicted: int = 0  # tokens dropped by the attention-sink window
+    dropped: int = 0  # leading blocks freed by the sliding window: token i lives in blocks[i // bs - dropped]
 
 
 class PagedKVCache:
@@ -91,6 +98,8 @@ class PagedKVCache:
         self.seqs: dict[int, _Seq] = {}
         self.batch: list[int] = []
         self.sinks = sinks
+        # Sliding-window block freeing (the sink window replaces it when both are set).
+        self.window = cfg.sliding_window if sinks is None else None
         if sinks is not None:
             if cfg.position != "rope" or rope_inv_freq is None:
                 raise LLMLabError(
@@ -118,20 +127,40 @@ class PagedKVCache:
     def num_free_blocks(self) -> int:
         return self.allocator.num_free
 
-    def blocks_needed(self, seq_id: int | None, num_new: int) -> int:
-        """How many more blocks ``seq_id`` (None: a new sequence) needs to hold ``num_new`` more tokens."""
+    def blocks_needed(self, seq_id: int | None, num_new: int, chunk: int | None = None) -> int:
+        """How many more blocks ``seq_id`` (None: a new sequence) needs to hold ``num_new`` more tokens,
+        net of the blocks the sliding window frees first. ``chunk``: a new sequence's tokens arrive in
+        forward passes of at most this many, so under a sliding window it never holds more than the window
+        plus one chunk."""
+        if seq_id is None and chunk is not None and self.window is not None:
+            full = -(-num_new // self.block_size)
+            return min(full, -(-(self.window + min(chunk, num_new)) // self.block_size) + 1)
         seq = self.seqs.get(seq_id) if seq_id is not None else None
-        length, have = (seq.length, len(seq.blocks)) if seq else (0, 0)
+        length, have, dropped = (seq.length, len(seq.blocks), seq.dropped) if seq else (0, 0, 0)
         if self.sinks is not None:
             length = min(length + num_new, self.max_cached)
             return max(0, -(-length // self.block_size) - have)
-        return max(0, -(-(length + num_new) // self.block_size) - have)
+        freed = self._dead_blocks(length) - dropped if self.window is not None else 0
+        return max(0, -(-(length + num_new) // self.block_size) - dropped - have - freed)
 
     # -------------------------------------------------------------------------------- sequences
     def add_sequence(self, seq_id: int) -> None:
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} already in the cache")
         self.seqs[seq_id] = _Seq()
+
+    def _dead_blocks(self, length: int) -> int:
+        """Leading blocks no query at position >= ``length`` can see under the sliding window."""
+        assert self.window is not None
+        return max(0, length - self.window + 1) // self.block_size
+
+    def _release_outside_window(self, seq: _Seq) -> None:
+        dead = self._dead_blocks(seq.length)
+        if dead > seq.dropped:
+            n = dead - seq.dropped
+            self.allocator.free(seq.blocks[:n])
+            del seq.blocks[:n]
+            seq.dropped = dead
 
     def free_sequence(self, seq_id: int) -> None:
         """Return a finished/cancelled sequence's blocks to the pool (no-op if unknown)."""
@@ -152,8 +181,10 @@ class PagedKVCache:
         seq = self.seqs[seq_id]
         if length > seq.length:
             raise ValueError("cannot truncate a sequence to a longer length")
+        if length < seq.dropped * self.block_size:
+            raise ValueError("cannot truncate into blocks the sliding window already freed")
         seq.length = length
-        keep = -(-length // self.block_size)
+        keep = -(-length // self.block_size) - seq.dropped
         self.allocator.free(seq.blocks[keep:])
         del seq.blocks[keep:]
 
@@ -186,7 +217,7 @@ class PagedKVCache:
     def _slots(self, seq: _Seq, start: int, end: int) -> Tensor:
         idx = torch.arange(start, end)
         blocks = torch.tensor(seq.blocks, dtype=torch.long)
-        return blocks[idx // self.block_size] * self.block_size + idx % self.block_size
+        return blocks[idx // self.block_size - seq.dropped] * self.block_size + idx % self.block_size
 
     # ---------------------------------------------------------------------------- cache protocol
     def prepare(self, num_new: int, cfg: ModelConfig) -> AttnMeta:
@@ -205,7 +236,9 @@ class PagedKVCache:
                         f"{num_new} new tokens do not fit the attention-sink window; prefill in smaller chunks"
                     )
                 self._evict(seq, num_new)
-            need = -(-(seq.length + num_new) // bs) - len(seq.blocks)
+            elif self.window is not None:
+                self._release_outside_window(seq)
+            need = -(-(seq.length + num_new) // bs) - seq.dropped - len(seq.blocks)
             if need > self.allocator.num_free:
                 raise CacheFullError(f"KV cache is full: sequence {sid} needs {need} more blocks")
             for _ in range(need):
@@ -214,27 +247,35 @@ class PagedKVCache:
         ends = [s + num_new for s in starts]
         max_end = max(ends)
         B = len(self.batch)
-        # Slot of every (row, position): new tokens to write, and all keys to gather (padding -> slot 0).
-        table = torch.zeros(B, -(-max_end // bs), dtype=torch.long)
+        # Keys are gathered from the oldest block any row still holds (block 0 unless the window freed some).
+        drops = [self.seqs[sid].dropped for sid in self.batch]
+        first = min(drops)
+        k0 = first * bs
+        # Slot of every (row, position >= k0): new tokens to write, and all keys to gather (padding and
+        # freed blocks -> slot 0, hidden by the mask).
+        table = torch.zeros(B, -(-max_end // bs) - first, dtype=torch.long)
         for b, sid in enumerate(self.batch):
             blocks = self.seqs[sid].blocks
-            table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        pos = torch.arange(max_end)
-        gather = table[:, pos // bs] * bs + pos % bs  # [B, S]
+            off = drops[b] - first
+            table[b, off : off + len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        pos = torch.arange(k0, max_end)
+        gather = table[:, pos // bs - first] * bs + pos % bs  # [B, S]
         start_t = torch.tensor(starts)
         q_pos = start_t[:, None] + torch.arange(num_new)[None, :]  # [B, T]
-        write = gather.gather(1, q_pos)
+        write = gather.gather(1, q_pos - k0)
         device = self.k.device
         self._pending = (write.to(device).reshape(-1), gather.to(device).reshape(-1), starts, num_new)
         window = cfg.sliding_window if self.sinks is None else None
         uniform = all(s == starts[0] for s in starts)
         q_pos = q_pos.to(device)
-        if uniform and num_new == 1 and (window is None or max_end <= window):
+        if k0 == 0 and uniform and num_new == 1 and (window is None or max_end <= window):
             return AttnMeta(q_pos=q_pos, mask=None, is_causal=False)
-        if uniform and starts[0] == 0 and (window is None or max_end <= window):
+        if k0 == 0 and uniform and starts[0] == 0 and (window is None or max_end <= window):
             return AttnMeta(q_pos=q_pos, mask=None, is_causal=True)
-        k_pos = torch.arange(max_end, device=device)[None, :].expand(B, max_end)
+        k_pos = torch.arange(k0, max_end, device=device)[None, :].expand(B, max_end - k0)
         k_valid = k_pos < torch.tensor(ends, device=device)[:, None]
+        if first != max(drops):  # rows that freed more blocks than the oldest: hide their freed slots
+            k_valid &= k_pos >= torch.tensor(drops, device=device)[:, None] * bs
         return AttnMeta(q_pos=q_pos, mask=build_mask(q_pos, k_pos, k_valid, window), is_causal=False)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
