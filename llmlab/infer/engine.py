@@ -112,7 +112,8 @@ class LLM:
     Options: ``max_batch_size`` (running requests at once), ``block_size`` and ``kv_cache_mb`` (paged cache
     pool; ``num_blocks`` overrides the size), ``max_model_len`` (context; defaults to the model's, times the
     RoPE scaling factor), ``rope_scaling`` (dict or :class:`RopeScaling`: run past the trained context),
-    ``sliding_window`` (blocks the window has passed are freed: memory bounded by the window), ``attention_sinks=(S, W)`` (StreamingLLM: bounded memory, unbounded length),
+    ``sliding_window`` (blocks the window has passed are freed, so memory is bounded by the window),
+    ``attention_sinks=(S, W)`` (StreamingLLM: bounded memory, unbounded length),
     ``prefill_chunk`` (tokens per prefill forward), ``dtype``, ``seed`` (for unseeded sampled requests),
     ``fast`` (fused decode path, on by default where the model allows it; ``fast="int8"``/``"int4"`` also
     store its matmul weights quantized -- faster batch-1 decode, no longer bit-exact), ``speculative``
