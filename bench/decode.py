@@ -11,7 +11,10 @@ Measures (each configuration once; the machine is shared, so read the *ratios*, 
    path with int8 / int4 weights (not bit-exact: it reports how many greedy tokens agree);
 3. continuous batching: 16 concurrent requests vs the same 16 one at a time (same greedy outputs);
 4. speculative decoding at identical greedy output: prompt lookup (n-gram) and a draft model (the target
-   on the int4 fast path: no smaller SmolLM2 is available offline), with acceptance rates.
+   on the int4 fast path: no smaller SmolLM2 is available offline), with acceptance rates;
+5. with ``--llamacpp`` (needs ``pip install llama-cpp-python``, a ~6.5 min source build): llama.cpp's batch-1
+   decode on the same weights re-encoded as F16 (its Q4_1/Q8_0 CPU paths crashed on this machine), the
+   reference point for CPU decode.
 
 Decode tok/s excludes prefill: ``(N - 1) / (t(N tokens) - t(1 token))``.
 """
@@ -89,6 +92,34 @@ def bandwidth_gbs() -> float:
     return 2 * src.numel() * 4 / dt / 1e9
 
 
+def f16_gguf_copy(src: Path, dst: Path) -> Path:
+    """The GGUF ``src`` with every quantized matrix dequantized and stored as F16 (1-D tensors stay F32, as
+    llama.cpp's converters write them); metadata is copied, with ``general.file_type`` set to F16."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue  # the writer emits the header and the architecture itself
+        value = field.contents()
+        if name == "general.file_type":
+            value = int(gguf.LlamaFileType.MOSTLY_F16)
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        w = gguf.quants.dequantize(t.data, t.tensor_type).reshape([int(d) for d in reversed(t.shape)])
+        writer.add_tensor(t.name, w.astype(np.float32 if w.ndim == 1 else np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
 def hf_model(model):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -118,6 +149,43 @@ def decode_rate(gen, n: int) -> tuple[float, list[int]]:
     return (n - 1) / max(tn - t1, 1e-9), toks
 
 
+def llamacpp_decode(args, source, prompt, toks_fast, rate_fast, rate_int8, rate_int4, report) -> None:
+    """llama.cpp batch-1 greedy decode on an F16 copy of the same GGUF, with the same prompt tokens."""
+    import tempfile
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        report("llama.cpp", "skipped: pip install llama-cpp-python (a ~6.5 min source build)")
+        return
+    if not source.endswith(".gguf"):
+        report("llama.cpp", "skipped: the model is not a GGUF file")
+        return
+    N = args.tokens
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = f16_gguf_copy(Path(source), Path(tmp) / "model-f16.gguf")
+        threads = args.threads or torch.get_num_threads()
+        lcpp = Llama(model_path=str(f16), n_ctx=len(prompt) + N + 8, n_threads=threads, n_batch=512,
+                     verbose=False)  # fmt: skip
+
+        def theirs(n: int) -> list[int]:
+            lcpp.reset()
+            out = []
+            for t in lcpp.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+                out.append(int(t))
+                if len(out) == n:
+                    break
+            return out
+
+        rate, toks = decode_rate(theirs, N)
+        same = next((i for i, (a, b) in enumerate(zip(toks, toks_fast)) if a != b), N)
+        report(f"llama.cpp batch-1 decode (F16 weights, {threads} threads)", f"{rate:.1f} tok/s")
+        report("llmlab fast fp32 / llama.cpp F16", f"{rate_fast / rate:.2f}x")
+        report("llmlab int8 / llama.cpp F16", f"{rate_int8 / rate:.2f}x")
+        report("llmlab int4 / llama.cpp F16", f"{rate_int4 / rate:.2f}x")
+        report("llama.cpp F16: leading greedy tokens equal to llmlab fp32", f"{same}/{N}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: the SmolLM2-135M GGUF)")
@@ -125,6 +193,7 @@ def main() -> int:
     ap.add_argument("--batch-tokens", type=int, default=32, help="tokens per request in the batching test")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers comparison")
+    ap.add_argument("--llamacpp", action="store_true", help="also time llama.cpp (llama-cpp-python) in F16")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,6 +264,8 @@ def main() -> int:
         report("speedup llmlab int4 / transformers fp32", f"{rate_int4 / rate_hf:.2f}x")
         report("greedy tokens identical to transformers", f"{same}/{N}")
         del hf
+    if args.llamacpp:
+        llamacpp_decode(args, source, prompt, toks_fast, rate_fast, rate_int8, rate_int4, report)
     weight_bytes = sum(
         m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear)
     )
