@@ -501,3 +501,16 @@ def test_fused_chunked_cross_entropy_matches_plain(precision, masked):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         no_grad_loss = fused_linear_cross_entropy(hidden, weight, labels, 32)  # evaluation: loss only
     torch.testing.assert_close(no_grad_loss, grads[1][0], rtol=1e-6, atol=1e-6)
+
+
+def test_local_device_names_this_ranks_device(monkeypatch):
+    """Stages load models onto local_device(train.device) before copying them (reference, teacher): it must
+    be the device the Trainer picks, the rank's own GPU under torchrun."""
+    from llmlab.train.distributed import local_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert local_device("cpu") == torch.device("cpu")
+    assert local_device("cuda") == torch.device("cuda", 3)
+    assert local_device("cuda:1") == torch.device("cuda", 1)  # an explicit index wins
+    want = torch.device("cuda", 3) if torch.cuda.is_available() else torch.device("cpu")
+    assert local_device("auto") == want
