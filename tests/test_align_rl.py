@@ -138,6 +138,9 @@ def test_ppo_kl_guard_restores_and_stops(tmp_path):
     model = tiny_model(seed=2)
     r = run_ppo(_guard_cfg(6, kl_stop=0.05), tmp_path / "p", model=model, tokenizer=tok, progress=False)
     assert r["kl_stopped"] is not None and r["kl_stopped"]["kl"] > 0.05
+    # The reward is also scored on the held-out greedy answers before and after (the PPO outcome measure):
+    # the proxy gives >= 0.05 per generated token, and greedy answers are never empty here.
+    assert r["before_reward_score"] >= 0.05 and r["after_reward_score"] >= 0.05
     s = r["kl_stopped"]["step"]
     assert s >= 1 and r["steps"] == s
     # The policy kept is the last one whose rollout was within bounds: the policy after s-1 updates, exactly

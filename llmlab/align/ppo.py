@@ -240,7 +240,7 @@ def run_ppo(
         extra_config={"ppo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
     )
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    before = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
+    before = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer)
     trainer.logger.log(0, before, prefix="val")
     trainable = [p for p in ac.parameters() if p.requires_grad]
     good_state = [p.detach().clone() for p in trainable]
@@ -338,12 +338,12 @@ def run_ppo(
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             trainer.logger.log(
                 step + 1,
-                R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens),
+                R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer),
                 prefix="val",
             )
     if bar is not None:
         bar.close()
-    after = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens)
+    after = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer)
     trainer.logger.log(state.step, after, prefix="val")
     trainer.logger.close()
     result: dict[str, Any] = {

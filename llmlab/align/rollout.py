@@ -213,9 +213,11 @@ def split_batch(batch: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
 
 @torch.no_grad()
 def evaluate_problems(
-    model: nn.Module, tokenizer: Any, problems: Sequence[Problem], max_tokens: int
+    model: nn.Module, tokenizer: Any, problems: Sequence[Problem], max_tokens: int, scorer: Any = None
 ) -> dict[str, float]:
-    """Greedy exact match and format rate on held-out problems (overall and per task)."""
+    """Greedy exact match and format rate on held-out problems (overall and per task); with ``scorer``
+    (``(problems, prompts, outs) -> scores``, e.g. PPO's reward model) also its mean score of the same
+    greedy answers, ``reward_score``."""
     prompts = [prompt_token_ids(tokenizer, p) for p in problems]
     outs = generate(model, tokenizer, prompts, max_tokens, 0.0, 1.0, seed=0)
     per: dict[str, list[tuple[bool, bool]]] = {}
@@ -228,6 +230,8 @@ def evaluate_problems(
     }
     for task, v in per.items():
         res[f"exact_match/{task}"] = sum(c for c, _ in v) / len(v)
+    if scorer is not None:
+        res["reward_score"] = float(scorer(list(problems), prompts, outs).float().mean())
     return res
 
 
