@@ -87,25 +87,70 @@ def test_speculative_greedy_output_equals_the_target_alone(method):
     assert llm.cache.num_free_blocks == llm.cache.num_blocks
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_speculative_streams_and_batches_with_preemption(method):
+    """Speculation is the engine's decode step: a streamed request and queued ones share the batch, a pool
+    too small for all of them forces preemptions, and every output still equals the target's greedy alone,
+    with no block left behind in the target's or the draft's pool."""
+    target = model(seed=0)
+    draft = model(seed=0)
+    with torch.no_grad():
+        for prm in draft.parameters():
+            prm.add_(torch.randn_like(prm) * 0.02)
+    ps = [p * 3 for p in prompts(4, seed=12, lo=4, hi=8)]
+    spec = {"method": method, "num_tokens": 3, "draft_model": draft if method == "draft" else None}
+    llm = LLM.from_model(target, None, speculative=spec, block_size=4, num_blocks=18, max_batch_size=4)
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    rids = [llm.add_request(p, sp) for p in ps[:2]]
+    done, streamed, steps = {}, [], 0
+    while llm.has_unfinished():
+        for o in llm.step():
+            if o.request_id == rids[0]:
+                streamed += o.delta_token_ids  # what a stream of the first request shows
+            if o.finished:
+                done[o.request_id] = o.token_ids
+        steps += 1
+        if steps == 3:  # requests join a running batch
+            rids += [llm.add_request(p, sp) for p in ps[2:]]
+    for rid, p in zip(rids, ps, strict=True):
+        assert done[rid] == reference_greedy(target, p, 24)
+    assert streamed == done[rids[0]]
+    assert llm.stats["preemptions"] > 0  # 4 x ~45 tokens do not fit 72 slots at once
+    assert llm.speculative.stats["accepted"] > 0
+    assert llm.cache.num_free_blocks == llm.cache.num_blocks
+    if method == "draft":
+        dc = llm.speculative.draft.cache
+        assert dc.num_free_blocks == dc.num_blocks and not dc.seqs
+
+
 def test_speculative_sampling_matches_the_targets_next_token_distribution():
-    """End to end, with a real draft model on a tiny vocabulary: first token ~ target softmax."""
+    """End to end, with a real draft model on a tiny vocabulary and 400 requests batched together: the
+    first speculative token (the second generated; the first comes from the prefill) ~ the target's."""
     V = 12
     target = model(seed=1, vocab_size=V, init_std=0.3)
     draft = model(seed=2, vocab_size=V, init_std=0.3)
     prompt = [3, 5, 7, 2]
-    with torch.no_grad():
-        want = torch.softmax(target(torch.tensor([prompt]))[0, -1], dim=-1)
-    llm = LLM.from_model(target, None, speculative={"method": "draft", "draft_model": draft, "num_tokens": 3})
+    with torch.no_grad():  # marginal of token 2: sum over token 1 of p(t1) p(t2 | t1), target and draft
+        first = torch.softmax(target(torch.tensor([prompt]))[0, -1], dim=-1)
+        ctx = torch.tensor([prompt + [t] for t in range(V)])
+        want = first @ torch.softmax(target(ctx)[:, -1], dim=-1)
+        q = first @ torch.softmax(draft(ctx)[:, -1], dim=-1)
+    llm = LLM.from_model(
+        target,
+        None,
+        max_batch_size=16,
+        speculative={"method": "draft", "draft_model": draft, "num_tokens": 3},
+    )
     N = 400
     outs = llm.generate(
-        [prompt] * N, [SamplingParams(temperature=1.0, max_tokens=2, seed=i) for i in range(N)]
+        [prompt] * N, [SamplingParams(temperature=1.0, max_tokens=3, seed=i) for i in range(N)]
     )
-    counts = torch.bincount(torch.tensor([o.token_ids[0] for o in outs]), minlength=V).float()
-    with torch.no_grad():
-        q = torch.softmax(draft(torch.tensor([prompt]))[0, -1], dim=-1)
+    counts = torch.bincount(torch.tensor([o.token_ids[1] for o in outs]), minlength=V).float()
     assert 0.5 * float((q - want).abs().sum()) > 0.3  # the draft alone would be far off
     assert _tv(counts, want) < 0.1  # sampling noise at N=400 is about 0.05
     assert 0 < llm.speculative.acceptance_rate < 1
+    assert llm.cache.num_free_blocks == llm.cache.num_blocks
+    assert llm.speculative.draft.cache.num_free_blocks == llm.speculative.draft.cache.num_blocks
 
 
 def test_speculative_config_errors():

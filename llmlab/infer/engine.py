@@ -277,11 +277,7 @@ class LLM:
                 f"prompt has {len(prompt_ids)} tokens; the context is {self.max_model_len} "
                 "(it must leave room for at least one new token)"
             )
-        if (
-            self.speculative is None
-            and self.cache.blocks_needed(None, len(prompt_ids) + 1, self.prefill_chunk)
-            > self.cache.num_blocks
-        ):
+        if self.cache.blocks_needed(None, len(prompt_ids) + 1, self.prefill_chunk) > self.cache.num_blocks:
             raise LLMLabError(
                 f"prompt has {len(prompt_ids)} tokens; the KV cache holds only "
                 f"{self.cache.num_blocks * self.cache.block_size} (raise 'kv_cache_mb')"
@@ -312,7 +308,7 @@ class LLM:
             self.waiting.remove(req)
         if req in self.running:
             self.running.remove(req)
-        self.cache.free_sequence(req.seq_id)
+        self._free(req)
         req.finish_reason = "abort"
         self.requests.pop(request_id, None)
 
@@ -332,7 +328,7 @@ class LLM:
             self.fast.invalidate()
         prefilled = self._admit(touched)
         decoding = [r for r in self.running if r not in prefilled]
-        if decoding:
+        if decoding and not (self.speculative and self.speculative.decode_step(decoding, touched)):
             self._decode(decoding, touched)
         outs = []
         for req in touched:
@@ -383,7 +379,7 @@ class LLM:
                 touched.append(victim)
                 return
             self.running.remove(victim)
-            self.cache.free_sequence(victim.seq_id)
+            self._free(victim)
             self.waiting.appendleft(victim)
             self.stats["preemptions"] += 1
         ids = torch.tensor([[r.output_ids[-1]] for r in reqs], device=self.device)
@@ -471,7 +467,13 @@ class LLM:
             req.text = self._decode_text(req, ids)
         if req in self.running:
             self.running.remove(req)
+        self._free(req)
+
+    def _free(self, req: _Request) -> None:
+        """Return a request's cache blocks (and its speculative draft's) to their pools."""
         self.cache.free_sequence(req.seq_id)
+        if self.speculative is not None:
+            self.speculative.release(req)
 
     def _snapshot(self, req: _Request) -> RequestOutput:
         """Current output of ``req`` with the text/tokens that are new since the last snapshot.
@@ -534,8 +536,6 @@ class LLM:
             except LLMLabError as exc:
                 raise LLMLabError(f"prompt {i}: {exc}") from exc
             encoded.append((text, ids, p))
-        if self.speculative is not None:
-            return [self.speculative.generate_one(text, ids, p) for text, ids, p in encoded]
         rids = []
         for text, ids, p in encoded:
             rid = f"gen-{next(self._req_counter)}"

@@ -14,7 +14,8 @@ Two proposers:
   context and the tokens that followed are proposed; no draft model. ``q`` is then a point mass, so the rule
   reduces to "keep with probability ``p(d)``, else resample from ``p`` without ``d``".
 
-Requests go through one at a time (batch 1, where speculation pays on a CPU).
+Speculation is the engine's decode step: the running requests are drafted and verified together, so it
+combines with continuous batching and streaming (batch 1 is where it pays on a CPU).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class SpeculativeDecoder:
             from llmlab.infer.engine import LLM
 
             opts = {
-                "max_batch_size": 1,
+                "max_batch_size": engine.max_batch_size,  # one draft sequence per running request
                 "max_model_len": engine.max_model_len,
                 "fast": engine.fast.weights if engine.fast else False,
             }
@@ -155,32 +156,6 @@ class SpeculativeDecoder:
     def acceptance_rate(self) -> float:
         return self.stats["accepted"] / max(1, self.stats["proposed"])
 
-    def generate_one(self, text: str | None, prompt_ids: list[int], params: SamplingParams):
-        """Generate one request to completion; returns its final :class:`RequestOutput`."""
-        from llmlab.infer.engine import _Request
-
-        eng = self.engine
-        req = _Request(f"spec-{next(eng._req_counter)}", text, list(prompt_ids), params, eng)
-        cache = eng.cache
-        cache.add_sequence(req.seq_id)
-        draft_seq = None
-        try:
-            # Target holds every committed token but the last (the next step's first input).
-            tokens = list(prompt_ids)
-            for start in range(0, len(tokens) - 1, eng.prefill_chunk):
-                chunk = tokens[start : min(start + eng.prefill_chunk, len(tokens) - 1)]
-                eng.forward(torch.tensor([chunk]), [req.seq_id])
-            if self.draft is not None:
-                draft_seq = next(self.draft._seq_counter)
-                self.draft.cache.add_sequence(draft_seq)
-            while req.finish_reason is None:
-                self._step(req, tokens, draft_seq)
-        finally:
-            cache.free_sequence(req.seq_id)
-            if draft_seq is not None:
-                self.draft.cache.free_sequence(draft_seq)
-        return eng._snapshot(req)
-
     def _room(self, req: Any, tokens: list[int]) -> int:
         """How many drafts fit: leave one token for the correction/bonus within max_tokens and the context."""
         eng = self.engine
@@ -189,42 +164,80 @@ class SpeculativeDecoder:
             room = min(room, eng.max_model_len - len(tokens) - 1)
         return max(0, min(self.cfg.num_tokens, room))
 
-    def _step(self, req: Any, tokens: list[int], draft_seq: int | None) -> None:
-        eng, params = self.engine, req.params
-        k = self._room(req, tokens)
-        q = None
-        if k == 0:
-            drafts: list[int] = []
-        elif self.draft is None:
-            drafts = ngram_propose(tokens, k, self.cfg.ngram_max, self.cfg.ngram_min)
-        else:
-            drafts, q = self._draft(req, tokens, draft_seq, k)
-        C = len(tokens) - 1
-        ids = torch.tensor([[tokens[-1], *drafts]])
-        logits = eng.forward(ids, [req.seq_id], last_only=False)[0]  # [k+1, V]
-        processed, p = [], []
-        for i in range(len(drafts) + 1):
-            proc = process_logits(logits[i], params, req.prompt_ids, req.output_ids + drafts[:i])
-            processed.append(proc)
-            p.append(_probs(proc, params))
-        n, nxt = verify(torch.stack(p), q, drafts, req.generator, params.greedy)
-        self.stats["steps"] += 1
-        self.stats["proposed"] += len(drafts)
-        self.stats["accepted"] += n
-        new = drafts[:n] + [nxt]
-        for i, tok in enumerate(new):
-            lp = chosen_logprob(logits[i], processed[i], tok, params) if params.logprobs else None
-            eng._append(req, tok, lp)
-            tokens.append(tok)
-            self.stats["emitted"] += 1
-            if req.finish_reason is not None:
-                break
-        if req.finish_reason is not None:
-            return  # _finish already freed the target's blocks
-        eng.cache.truncate(req.seq_id, C + n + 1)
-        if draft_seq is not None:
+    def release(self, req: Any) -> None:
+        """Free the draft model's copy of a finished, cancelled or preempted request."""
+        seq = getattr(req, "draft_seq", None)
+        if seq is not None and self.draft is not None:
+            self.draft.cache.free_sequence(seq)
+        req.draft_seq = None
+
+    def decode_step(self, reqs: list[Any], touched: list[Any]) -> bool:
+        """One draft-and-verify step for every running request: the engine's decode step under speculation.
+
+        Each request gets its own drafts (``k`` each, fewer near ``max_tokens``); the target scores all rows
+        in one forward of ``[B, K + 1]`` tokens (rows with fewer drafts are padded; the padding's cache
+        entries are rolled back with the rejected drafts). Returns False, having done nothing, when no row
+        has room for a draft or the pool cannot hold ``K + 1`` more tokens per row: the engine then runs a
+        plain decode step (which may preempt).
+        """
+        eng = self.engine
+        cache = eng.cache
+        tokens = [r.prompt_ids + r.output_ids for r in reqs]
+        rooms = [self._room(r, t) for r, t in zip(reqs, tokens, strict=True)]
+        K = max(rooms)
+        if eng.max_model_len is not None:  # padded rows must stay inside the context too
+            K = min(K, min(eng.max_model_len - len(t) for t in tokens))
+        if K <= 0 or sum(cache.blocks_needed(r.seq_id, K + 1) for r in reqs) > cache.num_free_blocks:
+            return False
+        if self.draft is not None:  # the draft catches up on the committed tokens, then drafts K more
             dc = self.draft.cache
-            dc.truncate(draft_seq, min(dc.length(draft_seq), C + n + 1))
+            seqs = [getattr(r, "draft_seq", None) for r in reqs]
+            need = sum(
+                dc.blocks_needed(s, len(t) - (dc.length(s) if s is not None else 0) + K)
+                for s, t in zip(seqs, tokens, strict=True)
+            )
+            if need > dc.num_free_blocks:
+                return False
+        proposals: list[tuple[list[int], Tensor | None]] = []
+        for r, t, k in zip(reqs, tokens, rooms, strict=True):
+            k = min(k, K)
+            if k == 0:
+                proposals.append(([], None))
+            elif self.draft is None:
+                proposals.append((ngram_propose(t, k, self.cfg.ngram_max, self.cfg.ngram_min), None))
+            else:
+                if getattr(r, "draft_seq", None) is None:
+                    r.draft_seq = next(self.draft._seq_counter)
+                    self.draft.cache.add_sequence(r.draft_seq)
+                proposals.append(self._draft(r, t, r.draft_seq, k))
+        ids = [[t[-1], *d, *[t[-1]] * (K - len(d))] for t, (d, _) in zip(tokens, proposals, strict=True)]
+        logits = eng.forward(torch.tensor(ids, device=eng.device), [r.seq_id for r in reqs], last_only=False)
+        for row, (r, t, (drafts, q)) in enumerate(zip(reqs, tokens, proposals, strict=True)):
+            params = r.params
+            processed, p = [], []
+            for i in range(len(drafts) + 1):
+                proc = process_logits(logits[row, i], params, r.prompt_ids, r.output_ids + drafts[:i])
+                processed.append(proc)
+                p.append(_probs(proc, params))
+            n, nxt = verify(torch.stack(p), q, drafts, r.generator, params.greedy)
+            self.stats["steps"] += 1
+            self.stats["proposed"] += len(drafts)
+            self.stats["accepted"] += n
+            touched.append(r)
+            for i, tok in enumerate(drafts[:n] + [nxt]):
+                lp = chosen_logprob(logits[row, i], processed[i], tok, params) if params.logprobs else None
+                eng._append(r, tok, lp)
+                self.stats["emitted"] += 1
+                if r.finish_reason is not None:
+                    break
+            if r.finish_reason is not None:
+                continue  # _finish freed its blocks, the draft's too
+            committed = len(t) - 1 + n + 1  # the cache holds every committed token but the newest
+            cache.truncate(r.seq_id, committed)
+            if getattr(r, "draft_seq", None) is not None:
+                dc = self.draft.cache
+                dc.truncate(r.draft_seq, min(dc.length(r.draft_seq), committed))
+        return True
 
     def _draft(self, req: Any, tokens: list[int], seq: int, k: int) -> tuple[list[int], Tensor]:
         """Sample ``k`` drafts from the draft model (catching its cache up on committed tokens first)."""
