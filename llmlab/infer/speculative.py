@@ -247,7 +247,7 @@ class SpeculativeDecoder:
         drafts: list[int] = []
         qs = []
         for _ in range(k):
-            logits = draft.forward(torch.tensor([feed]), [seq], last_only=True)[0]
+            logits = draft.forward(torch.tensor([feed], device=draft.device), [seq], last_only=True)[0]
             proc = process_logits(logits, params, req.prompt_ids, req.output_ids + drafts)
             q = _probs(proc, params)
             d = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=req.generator))
