@@ -158,7 +158,7 @@ SFT_PRESETS: dict[str, SFTConfig] = {
     # Full fine-tuning of the demo model on the task suite with its forgetting kept small (~35 min on 2 cores).
     "tiny-tasks": _tiny_tasks(batch_size=8),
     # The same recipe on 4x the data per step: 90.4% held-out exact match with +3.4% general-text loss
-    # (BENCHMARKS.md). 3.5 min on one H100; about 70 min on the 2-core CPU.
+    # (BENCHMARKS.md; 91.8% and +3.3% on the 2-core CPU in 75 min). 3.5 min on one H100.
     "tiny-tasks-full": _tiny_tasks(batch_size=32),
     # Two minutes, for trying the stage: the plain recipe with no forgetting control (it forgets badly).
     "tiny-tasks-quick": SFTConfig(
