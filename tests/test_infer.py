@@ -372,20 +372,6 @@ def test_rope_scaling_override_runs_past_the_context():
         LLM.from_model(model(), None, rope_scaling={"type": "bogus", "factor": 2})
 
 
-def test_sliding_window_matches_full_forward():
-    m = model()
-    llm = LLM.from_model(m, None, sliding_window=6, block_size=4)
-    assert m.cfg.sliding_window == 6
-    p = prompts(2, seed=10, lo=12, hi=14)
-    outs = llm.generate(p, SamplingParams(max_tokens=10))
-    for q, o in zip(p, outs, strict=True):
-        seq = list(q)
-        with torch.no_grad():  # no cache: the model's own windowed mask over the whole sequence
-            for _ in range(10):
-                seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
-        assert o.token_ids == seq[len(q) :]
-
-
 def windowed_greedy(m, prompt: list[int], n: int) -> list[int]:
     """Greedy tokens from full forwards with no cache: the model's own windowed mask over everything."""
     seq = list(prompt)
@@ -393,6 +379,16 @@ def windowed_greedy(m, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
     return seq[len(prompt) :]
+
+
+def test_sliding_window_matches_full_forward():
+    m = model()
+    llm = LLM.from_model(m, None, sliding_window=6, block_size=4)
+    assert m.cfg.sliding_window == 6
+    p = prompts(2, seed=10, lo=12, hi=14)
+    outs = llm.generate(p, SamplingParams(max_tokens=10))
+    for q, o in zip(p, outs, strict=True):
+        assert o.token_ids == windowed_greedy(m, q, 10)
 
 
 def test_sliding_window_frees_blocks_outside_the_window():
