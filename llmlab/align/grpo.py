@@ -30,6 +30,7 @@ from llmlab.align import rollout as R
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.logging import write_report
 
 
 @dataclass
@@ -235,5 +236,5 @@ def run_grpo(
     result.update(history[-1] if history else {})
     result["reward_mean_first"] = history[0]["reward_mean"] if history else float("nan")
     if out is not None:
-        (out / "grpo_report.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        write_report(out / "grpo_report.json", result)
     return result

@@ -36,6 +36,7 @@ from llmlab.align import rollout as R
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.logging import write_report
 
 REWARDS = ("rm", "verifier", "proxy")
 
@@ -365,7 +366,7 @@ def run_ppo(
             save_adapter(model, out / "adapter", base_model=cfg.model or None)
         else:
             save_checkpoint(out / "final", model, tokenizer, extra_config={"ppo": {"steps": state.step}})
-        (out / "ppo_report.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+        write_report(out / "ppo_report.json", result)
     return result
 
 

@@ -24,6 +24,7 @@ from llmlab.errors import CheckpointError, ConfigError
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.logging import write_report
 
 RM_KEY = "reward_model"
 
@@ -270,7 +271,6 @@ class RMConfig:
 def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict[str, Any]:
     """Train a reward model; writes ``OUT/final`` (a reward-model checkpoint), ``reward_margins.png`` and
     ``rm_eval.json``. Returns the final metrics."""
-    import json
 
     from llmlab.align.data import DataStats, encode_pairs, load_pairs, split_pairs
     from llmlab.align.offline import load_policy
@@ -323,5 +323,5 @@ def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=N
         "truncated": stats.truncated,
         "contaminates": sorted({p.contaminates for p in pairs if p.contaminates}),
     }
-    (out / "rm_eval.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_report(out / "rm_eval.json", report)
     return {**metrics, **{f"heldout_{k}": v for k, v in report.items()}}

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmlab.errors import ConfigError
 from llmlab.train.config import TrainConfig
-from llmlab.train.logging import jsonable
+from llmlab.train.logging import jsonable, write_report
 
 if TYPE_CHECKING:  # torch stays out of the CLI's import path
     from torch import Tensor, nn
@@ -577,8 +577,7 @@ def run_distill(cfg: DistillConfig, out_dir: str | Path, resume: bool = False) -
             teacher.cpu(), student.cpu(), tokenizer, prompts, cfg.accept_k, cfg.accept_tokens
         )
     report["seconds"] = time.time() - t_start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "distill_report.json").write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
+    write_report(out_dir / "distill_report.json", report)
     return report
 
 

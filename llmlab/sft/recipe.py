@@ -35,7 +35,7 @@ from typing import Any
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig
-from llmlab.train.logging import jsonable
+from llmlab.train.logging import jsonable, write_report
 
 PEFT_MODES = ("none", "lora", "qlora")
 # Flat override aliases accepted by ``llmlab sft`` (``lora_r=8`` is ``lora.r=8``).
@@ -703,8 +703,7 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
     report["general_loss_rise_pct"] = 100.0 * (a - b) / b if b and math.isfinite(b) else None
     report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report["seconds"] = time.time() - t_start
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sft_report.json").write_text(json.dumps(jsonable(report), indent=2), encoding="utf-8")
+    write_report(out_dir / "sft_report.json", report)
     return report
 
 

@@ -104,6 +104,14 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def write_report(path: str | Path, report: dict[str, Any]) -> Path:
+    """Write a stage's run report as indented JSON (made safe by :func:`jsonable`), creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(report), indent=2, default=str), encoding="utf-8")
+    return path
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
