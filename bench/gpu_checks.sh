@@ -4,12 +4,14 @@
 #   pretrain    `llmlab pretrain --preset gpt2-124m` for a few steps under torchrun with FSDP2 over NCCL,
 #               then a resume on top of it (bf16 autocast, flash SDPA, torch.compile as the preset sets)
 #   sft         the tiny-tasks SFT recipe on the demo base (runs/demo/final), SFT_STEPS steps
+#   align       every alignment stage for a few steps on CUDA: reward model, DPO (on-policy pairs), PPO with
+#               that reward model, GRPO; starts from ALIGN_MODEL (default runs/demo/final)
 #
-#   bash bench/gpu_checks.sh OUTDIR [throughput] [pretrain] [sft]     (default: throughput pretrain)
+#   bash bench/gpu_checks.sh OUTDIR [throughput] [pretrain] [sft] [align]     (default: throughput pretrain)
 #
 # Uses the machine's python3 and torch (PYTHON= overrides); llmlab runs from this checkout via PYTHONPATH.
 set -uo pipefail
-OUT=${1:?usage: bash bench/gpu_checks.sh OUTDIR [throughput] [pretrain] [sft]}
+OUT=${1:?usage: bash bench/gpu_checks.sh OUTDIR [throughput] [pretrain] [sft] [align]}
 shift
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(throughput pretrain)
@@ -51,6 +53,16 @@ for step in "${STEPS[@]}"; do
         max_steps="${SFT_STEPS:-5000}" task_eval_per_task="${SFT_EVAL_PER_TASK:-20}" ${SFT_ARGS:-} 2>&1 \
         | tr '\r' '\n' | grep -v "it/s\]$" | tail -40
       cp /tmp/llmlab-sft/sft_report.json "$OUT/sft_report.json" 2>/dev/null
+      ;;
+    align)
+      M=${ALIGN_MODEL:-runs/demo/final}
+      a() { name=$1; shift; $PY -m llmlab "$@" > "$OUT/align_$name.log" 2>&1; echo "$name rc=$?"; \
+            tr '\r' '\n' < "$OUT/align_$name.log" | grep -v "/s\]$" | grep -v '^\s*$' | tail -4; }
+      a rm rm --out /tmp/llmlab-rm model="$M" data=[tasks] heldout=null n_heldout=100 train.max_steps=30
+      a dpo align --preset tiny-dpo --out /tmp/llmlab-dpo model="$M" train.max_steps=20 max_pairs=400
+      a ppo ppo --out /tmp/llmlab-ppo model="$M" reward=rm reward_model=/tmp/llmlab-rm/final \
+        train.max_steps=3 n_eval=18
+      a grpo grpo --out /tmp/llmlab-grpo model="$M" train.max_steps=3 n_eval=18
       ;;
     *) echo "unknown step $step" >&2 ;;
   esac

@@ -152,6 +152,9 @@ def compute_reference_logps(
     """
     from tqdm.auto import tqdm
 
+    from llmlab.train.distributed import model_device, to_device
+
+    device = model_device(model)
     was = model.training
     model.eval()
     rows: list[Tensor] = []
@@ -159,7 +162,7 @@ def compute_reference_logps(
     saved, source.ref_logps = source.ref_logps, None
     with tqdm(total=n, desc=desc, unit="ex", leave=False, disable=n < 64) as bar:
         for batch in source.iterate(batch_size):
-            sums, _ = sequence_logps(model, batch)
+            sums, _ = sequence_logps(model, to_device(batch, device))
             k = sums.shape[0] // 2
             rows.append(torch.stack([sums[:k], sums[k:]], dim=1).float().cpu())
             bar.update(k)
@@ -279,10 +282,13 @@ def make_offline_eval(cfg: AlignConfig, source: PairSource):
     loss_fn = make_offline_loss(cfg)
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
+        from llmlab.train.distributed import model_device, to_device
+
         totals: dict[str, float] = {}
         weight = 0.0
+        device = model_device(model)
         for batch in source.iterate(cfg.eval_batch_size):
-            batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            batch = to_device(batch, device)
             out = loss_fn(model, batch)
             weight += out.weight
             totals["loss"] = totals.get("loss", 0.0) + float(out.loss_sum)

@@ -36,6 +36,7 @@ from llmlab.align import rollout as R
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.distributed import model_device, to_device
 from llmlab.train.logging import write_report
 
 REWARDS = ("rm", "verifier", "proxy")
@@ -266,8 +267,10 @@ def run_ppo(
             1.0,
             seed=cfg.train.seed * 7919 + step,
         )
-        scores = scorer(problems, prompts, outs).float()
-        batch = R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id)
+        # The rollout batch lives where the policy does, so values, log-probs and advantages are made there.
+        device = model_device(model)
+        scores = scorer(problems, prompts, outs).float().to(device)
+        batch = to_device(R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id), device)
         mask = batch["labels"] != -100
         with torch.no_grad():
             ac.eval()

@@ -137,9 +137,12 @@ def make_rm_loss(use_margin: bool = False):
 
 
 def _rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    from llmlab.train.distributed import model_device
+
     inner = getattr(model, "module", model)  # DDP
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
-    return inner.rewards(batch["input_ids"], batch["attention_mask"])
+    device = model_device(inner)  # batches are built on the CPU; the Trainer may have moved the model
+    return inner.rewards(batch["input_ids"].to(device), batch["attention_mask"].to(device))
 
 
 @dataclass
@@ -233,7 +236,7 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], pad_id: int, batch_s
     for s in range(0, len(encs), batch_size):
         chunk = [Encoded(e.prompt, e.response + [pad_id]) for e in encs[s : s + batch_size]]
         batch = pad_sequences(chunk, pad_id)
-        out += rm.rewards(batch["input_ids"], batch["attention_mask"]).tolist()
+        out += _rewards(rm, batch).tolist()
     rm.train(was)
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,22 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s weights live (its first parameter's device)."""
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``batch`` with every tensor moved to ``device`` (a no-op for tensors already there).
+
+    Data sources build batches on the CPU. The Trainer moves its own; every no-grad forward outside it
+    (reference log-probs, rollout scoring, reward-model evaluation) must move them too, or it breaks on a GPU.
+    """
+    return {
+        k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()
+    }
 
 
 def local_device(name: str = "auto") -> torch.device:

@@ -179,10 +179,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return {
-            k: (v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v)
-            for k, v in batch.items()
-        }
+        return dist_utils.to_device(batch, self.device)
 
     def _grad_sync(self, enabled: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
