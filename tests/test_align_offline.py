@@ -86,6 +86,24 @@ def test_lora_reference_is_the_base_with_adapter_disabled():
     assert not torch.allclose(with_adapter, want, atol=1e-2)
 
 
+def test_policy_trains_without_dropout_and_keeps_lora_dropout():
+    """A base pretrained with dropout (like the demo's) must not train with it: at step 0 the policy's
+    log-probs in train mode would differ from the dropout-free reference cache."""
+    model = tiny_model(seed=4, dropout=0.3)
+    ids = torch.randint(0, 100, (2, 16))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))  # dropout is live before
+    offline.prepare_policy(model, True, LoRAConfig(r=4, alpha=8.0, dropout=0.2), frozen_reference=False)
+    model.train()
+    lora_dropouts = [m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and "lora" in n]
+    assert lora_dropouts and all(p == 0.2 for p in lora_dropouts)
+    for n, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and "lora" in n:
+            m.p = 0.0  # LoRA's own dropout is random by design; the rest must already be off
+    assert torch.equal(model(ids), model(ids))
+    assert model.cfg.dropout == 0.0
+
+
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "kto", "orpo", "simpo"])
 def test_each_loss_improves_held_out_preferences(tmp_path, loss):
     tok = chat_tokenizer()

@@ -316,10 +316,16 @@ def load_policy(path: str, device: str = "cpu") -> tuple[nn.Module, Any]:
 
 
 def prepare_policy(model: nn.Module, use_lora: bool, lora: Any, frozen_reference: bool) -> nn.Module | None:
-    """Wrap the policy with LoRA if asked and return its frozen reference copy, or None.
+    """Switch the policy's dropout off, wrap it with LoRA if asked and return its frozen reference copy, or None.
 
-    Under LoRA there is never a copy: the reference is the same model with its adapter disabled.
+    Under LoRA there is never a copy: the reference is the same model with its adapter disabled. Dropout goes
+    (as TRL's ``disable_dropout`` does by default): the reference, the rollout engine and the old-policy
+    log-probs all run without it, so a policy trained with it compares its noisy log-probs to clean ones; the
+    demo base was pretrained with dropout 0.1. LoRA's own dropout (``lora.dropout``) is kept.
     """
+    from llmlab.sft.recipe import set_dropout
+
+    set_dropout(model, 0.0)
     if use_lora:
         from llmlab.model.lora import apply_lora
 

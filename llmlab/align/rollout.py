@@ -252,6 +252,9 @@ class OnPolicyConfig:
     samples: int = 4  # completions per problem
     temperature: float = 1.0
     max_tokens: int = 24
+    # When no sample is right: True pairs the reference answer (off-policy) against a wrong sample; False drops
+    # the problem, so both sides of every pair are the policy's own samples.
+    reference_chosen: bool = True
 
 
 @torch.no_grad()
@@ -264,12 +267,13 @@ def verifier_pairs(
     temperature: float = 1.0,
     max_tokens: int = 24,
     seed: int = 0,
+    reference_chosen: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """On-policy preference pairs judged by the verifier: ``({"prompt", "chosen", "rejected"}, stats)``.
 
     For each training-split problem the policy samples ``samples`` completions. The chosen response is a
-    sample the verifier accepts (right answer, asked format), or the reference answer when none is; the
-    rejected one is the most frequent sample the verifier rejects. Problems the policy always solves carry no
+    sample the verifier accepts (right answer, asked format), or the reference answer when none is (unless
+    ``reference_chosen`` is False: then such problems are dropped); the rejected one is the most frequent sample the verifier rejects. Problems the policy always solves carry no
     preference and are dropped. Pairs built from the policy's *own* mistakes put the DPO gradient where the
     policy actually puts probability, which synthetic wrong answers (:func:`llmlab.data.tasks
     .make_preference_pairs`) mostly do not (the RSO / iterative-RPO recipe).
@@ -288,7 +292,7 @@ def verifier_pairs(
             (good if correct and fmt else bad).append(t)
         n_correct += len(good)
         bad = [t for t in bad if t]  # an empty completion is no response to prefer against
-        if not bad:
+        if not bad or (not good and not reference_chosen):
             continue
         chosen = good[0] if good else problem.answer
         rejected = max(set(bad), key=bad.count)
@@ -334,6 +338,7 @@ def gather_pairs(
             onpolicy.temperature,
             onpolicy.max_tokens,
             seed=seed,
+            reference_chosen=onpolicy.reference_chosen,
         )
         stats.extra.update(info)
         if not records:
