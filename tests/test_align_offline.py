@@ -182,3 +182,40 @@ def test_onpolicy_pairs_are_judged_by_the_verifier():
     assert len(train_src.pairs) + len(held_src.pairs) == stats.extra["onpolicy_pairs"] == len(records)
     with pytest.raises(Exception, match="needs the model"):
         build_sources(cfg, tok, DataStats())
+
+
+def test_rounds_resample_pairs_and_move_the_reference(tmp_path):
+    """Iterative on-policy DPO: round 2 samples its pairs from the round-1 policy and uses that policy as the
+    reference (not the starting model)."""
+    import dataclasses
+
+    import llmlab
+    from llmlab.align.rollout import OnPolicyConfig
+    from llmlab.errors import ConfigError
+    from safetensors.torch import load_file
+
+    tok = chat_tokenizer()
+    start = tiny_model(seed=5)
+    policy = copy.deepcopy(start)
+    cfg = small_cfg(
+        steps=4,
+        data=["onpolicy:tasks:addition,json"],
+        max_pairs=16,
+        n_heldout=4,
+        onpolicy=OnPolicyConfig(samples=2),
+        rounds=2,
+    )
+    m = run_offline(cfg, tmp_path, model=policy, tokenizer=tok)
+    assert [r["round"] for r in m["rounds_summary"]] == [1, 2]
+    assert (tmp_path / "round-1" / "final").is_dir() and (tmp_path / "final").is_dir()
+
+    after_round_1, _ = llmlab.load(tmp_path / "round-1" / "final")
+    round2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
+    src, _ = build_sources(round2, tok, DataStats(), after_round_1)
+    cached = [v for v in load_file(str(tmp_path / offline.REF_CACHE_FILE)).values() if len(v) == len(src.pairs)]
+    assert len(cached) == 1
+    assert torch.allclose(cached[0], offline.compute_reference_logps(after_round_1, src, 32), atol=1e-4)
+    assert not torch.allclose(cached[0], offline.compute_reference_logps(start, src, 32), atol=1e-3)
+
+    with pytest.raises(ConfigError, match="rounds"):
+        small_cfg(rounds=2).validate()  # data=tasks has nothing to resample

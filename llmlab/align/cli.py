@@ -179,7 +179,11 @@ def _align(args: argparse.Namespace) -> int:
         extra.append("skip_invalid=true")
     cfg = _build(AlignConfig, ALIGN_PRESETS, args, extra)
     m = run_offline(cfg, args.out)
-    _print(m, tuple(k for k in m if k.startswith("val_")) + ("loss", "pairs_train", "skipped_invalid"))
+    _print(
+        m,
+        tuple(k for k in m if k.startswith("val_"))
+        + ("loss", "pairs_train", "skipped_invalid", "rounds_summary"),
+    )
     return 0
 
 

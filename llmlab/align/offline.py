@@ -72,6 +72,10 @@ class AlignConfig:
     # "onpolicy:SOURCE" data (e.g. onpolicy:tasks): pairs from the starting policy's own samples, judged by
     # the verifier (see llmlab.align.rollout.verifier_pairs)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    # Iterative on-policy training (iterative RPO, Pang et al. 2024): each round resamples the onpolicy: pairs
+    # from the current policy, makes that policy the reference (under LoRA the reference stays the base with
+    # the adapter off), and trains train.max_steps steps. Rounds before the last write to OUT/round-N.
+    rounds: int = 1
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
     use_lora: bool = False
@@ -96,6 +100,12 @@ class AlignConfig:
             raise ConfigError(f"config key 'max_len' must be >= 8, got {self.max_len}")
         if not self.data:
             raise ConfigError("config key 'data' needs at least one preference source")
+        if self.rounds < 1:
+            raise ConfigError(f"config key 'rounds' must be >= 1, got {self.rounds}")
+        if self.rounds > 1 and not any(d.startswith("onpolicy:") for d in self.data):
+            raise ConfigError(
+                "config key 'rounds' > 1 resamples onpolicy: pairs each round, but 'data' has no onpolicy: source"
+            )
 
     @property
     def beta_value(self) -> float:
@@ -382,14 +392,42 @@ def attach_reference(
 def run_offline(
     cfg: AlignConfig, out_dir: str | Path | None = None, model=None, tokenizer=None
 ) -> dict[str, Any]:
-    """The whole ``llmlab align`` run; returns the final metrics (plus data statistics)."""
-    from llmlab.train import Trainer
-
+    """The whole ``llmlab align`` run; returns the final metrics (plus data statistics). With ``rounds`` > 1
+    the last round's metrics, and ``rounds_summary``: each round's pair statistics and held-out metrics."""
     cfg.validate()
     if model is None:
         model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
     prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=False)  # its reference is cached
+    summary: list[dict[str, Any]] = []
+    keep = (
+        "onpolicy_sample_accuracy",
+        "onpolicy_pairs",
+        "pairs_train",
+        "loss",
+        "val_loss",
+        "val_reward_accuracy",
+    )
+    for r in range(cfg.rounds):
+        round_cfg = cfg
+        if cfg.rounds > 1:  # a fresh sample of prompts and batches each round
+            round_cfg = dataclasses.replace(
+                cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + r)
+            )
+        last = r == cfg.rounds - 1
+        round_out = out if out is None or last else out / f"round-{r + 1}"
+        metrics = _train_round(round_cfg, round_out, model, tokenizer)
+        summary.append({"round": r + 1, **{k: metrics[k] for k in keep if k in metrics}})
+    if cfg.rounds > 1:
+        metrics["rounds_summary"] = summary
+    return metrics
+
+
+def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+    """One round: pairs (sampled from ``model`` now, for onpolicy: sources), the reference cache (``model`` as
+    it is now, or ``cfg.ref``), then ``cfg.train.max_steps`` Trainer steps on ``model``."""
+    from llmlab.train import Trainer
+
     stats = DataStats()
     train_src, held_src = build_sources(cfg, tokenizer, stats, model)
     if out is not None:
