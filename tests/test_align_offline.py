@@ -189,10 +189,11 @@ def test_rounds_resample_pairs_and_move_the_reference(tmp_path):
     reference (not the starting model)."""
     import dataclasses
 
+    from safetensors.torch import load_file
+
     import llmlab
     from llmlab.align.rollout import OnPolicyConfig
     from llmlab.errors import ConfigError
-    from safetensors.torch import load_file
 
     tok = chat_tokenizer()
     start = tiny_model(seed=5)
@@ -212,7 +213,9 @@ def test_rounds_resample_pairs_and_move_the_reference(tmp_path):
     after_round_1, _ = llmlab.load(tmp_path / "round-1" / "final")
     round2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + 1))
     src, _ = build_sources(round2, tok, DataStats(), after_round_1)
-    cached = [v for v in load_file(str(tmp_path / offline.REF_CACHE_FILE)).values() if len(v) == len(src.pairs)]
+    cached = [
+        v for v in load_file(str(tmp_path / offline.REF_CACHE_FILE)).values() if len(v) == len(src.pairs)
+    ]
     assert len(cached) == 1
     assert torch.allclose(cached[0], offline.compute_reference_logps(after_round_1, src, 32), atol=1e-4)
     assert not torch.allclose(cached[0], offline.compute_reference_logps(start, src, 32), atol=1e-3)
