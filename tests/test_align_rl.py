@@ -152,6 +152,30 @@ def test_ppo_kl_guard_restores_and_stops(tmp_path):
     assert (tmp_path / "p" / "ppo_report.json").is_file()
 
 
+def test_ppo_sampled_reward_score_is_paired_and_is_the_rollout_mean():
+    """before/after_sampled_reward_score: the same weights give the same draws (so a change is the policy's),
+    and the value is the mean reward of ``samples`` rollouts per held-out prompt."""
+    from llmlab.align import rollout as R
+    from llmlab.align.ppo import make_scorer
+
+    tok = chat_tokenizer()
+    cfg = _guard_cfg(0, kl_stop=None)
+    cfg.train.max_steps = 0
+    model = tiny_model(seed=2)
+    r = run_ppo(cfg, None, model=model, tokenizer=tok, progress=False)
+    assert r["before_sampled_reward_score"] == r["after_sampled_reward_score"] > 0.0
+    problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
+    scorer = make_scorer(cfg, tok, torch.device("cpu"))
+    prompts = [R.prompt_token_ids(tok, p) for p in problems for _ in range(cfg.eval_samples)]
+    outs = R.generate(
+        model, tok, prompts, cfg.max_new_tokens, cfg.temperature, 1.0, cfg.train.seed + 1_000_003
+    )
+    # sampled, not greedy: one prompt's rollouts differ
+    assert len({tuple(o.token_ids) for o in outs[: cfg.eval_samples]}) > 1
+    want = float(scorer([p for p in problems for _ in range(cfg.eval_samples)], prompts, outs).mean())
+    assert abs(r["before_sampled_reward_score"] - want) < 1e-6
+
+
 def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path):
     from tokenizers import Tokenizer as HF
     from tokenizers import models

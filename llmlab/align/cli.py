@@ -193,7 +193,12 @@ def _ppo(args: argparse.Namespace) -> int:
     m = run_ppo(_build(PPOConfig, {}, args), args.out)
     _print(
         m,
-        tuple(k for k in m if k.startswith(("before_exact", "after_exact", "first_score", "last_score")))
+        tuple(
+            k
+            for k in m
+            if k.startswith(("before_exact", "after_exact", "first_score", "last_score"))
+            or k.endswith("reward_score")
+        )
         + ("mean_kl", "steps", "kl_stopped"),
     )
     return 0

@@ -52,6 +52,7 @@ class PPOConfig:
     source: str = "tasks"  # prompts: tasks[:a,b] | svamp | multiarith | addsub | singleeq | gsm8k
     n_train: int | None = 2000
     n_eval: int = 90
+    eval_samples: int = 4  # sampled completions per held-out prompt for before/after_sampled_reward_score
     prompts_per_step: int = 16
     max_new_tokens: int = 24
     temperature: float = 1.0
@@ -242,7 +243,23 @@ def run_ppo(
         extra_config={"ppo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
     )
     kl_ctl = AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-    before = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer)
+
+    def held_out() -> dict[str, float]:
+        res = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer)
+        if cfg.eval_samples > 0:  # the same draws before and after (fixed seed), so the change is paired
+            res["sampled_reward_score"] = R.sampled_reward_score(
+                model,
+                tokenizer,
+                eval_problems,
+                scorer,
+                cfg.eval_samples,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                seed=cfg.train.seed + 1_000_003,
+            )
+        return res
+
+    before = held_out()
     trainer.logger.log(0, before, prefix="val")
     trainable = [p for p in ac.parameters() if p.requires_grad]
     good_state = [p.detach().clone() for p in trainable]
@@ -347,7 +364,7 @@ def run_ppo(
             )
     if bar is not None:
         bar.close()
-    after = R.evaluate_problems(model, tokenizer, eval_problems, cfg.max_new_tokens, scorer)
+    after = held_out()
     trainer.logger.log(state.step, after, prefix="val")
     trainer.logger.close()
     result: dict[str, Any] = {

@@ -244,6 +244,25 @@ def evaluate_problems(
     return res
 
 
+@torch.no_grad()
+def sampled_reward_score(
+    model: nn.Module,
+    tokenizer: Any,
+    problems: Sequence[Problem],
+    scorer: Any,
+    samples: int,
+    max_tokens: int,
+    temperature: float,
+    seed: int = 0,
+) -> float:
+    """Mean score of ``samples`` sampled completions per problem: what PPO maximizes, on prompts it never
+    trained on (greedy answers, :func:`evaluate_problems`, are a different distribution from the rollouts)."""
+    reps = [p for p in problems for _ in range(samples)]
+    prompts = [prompt_token_ids(tokenizer, p) for p in reps]
+    outs = generate(model, tokenizer, prompts, max_tokens, temperature, 1.0, seed)
+    return float(scorer(reps, prompts, outs).float().mean())
+
+
 @dataclass
 class OnPolicyConfig:
     """How ``onpolicy:SOURCE`` preference data is sampled from the starting policy."""
