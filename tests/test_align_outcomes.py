@@ -242,12 +242,10 @@ def sft_model(tmp_path_factory):
     return train_tiny_sft(tmp_path_factory.mktemp("sft") / "model", steps=SFT_STEPS)
 
 
-@pytest.mark.xfail(
-    reason="issue 4 target not met on this from-scratch SFT model: on-policy DPO 4 wins / 10 losses, synthetic "
-    "pairs 3 / 4 (65.2% was reached once, on a weaker 32%-exact-match SFT model; see BENCHMARKS.md)",
-    strict=False,
-)
 def test_dpo_beats_sft(sft_model, tmp_path):
+    # Measured (session 4, 450 prompts): the preset 18 wins / 9 losses (66.7%); one round 20 / 6. This SFT model
+    # is right on only ~9% of prompts, so few prompts are decided; on the weak demo SFT model the preset gave
+    # 68.3% and 68.8% (BENCHMARKS.md).
     r = dpo_outcome(*sft_model, tmp_path)
     print(json.dumps(r))
     assert r["win_rate_decided"] >= 0.65

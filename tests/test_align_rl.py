@@ -90,6 +90,17 @@ def test_actor_critic_value_head_starts_at_zero():
     assert logits.shape == (1, 3, ac.cfg.vocab_size) and torch.all(values == 0)
 
 
+@pytest.mark.parametrize("detach", [False, True])
+def test_detached_value_loss_trains_only_the_head(detach):
+    ac = ActorCritic(tiny_model(), detach_value=detach)
+    torch.nn.init.normal_(ac.value_head.weight)  # a zero head passes no gradient back either way
+    _, values = ac(torch.tensor([[3, 4, 5]]))
+    values.pow(2).sum().backward()
+    trunk = [p.grad for n, p in ac.named_parameters() if not n.startswith("value_head")]
+    assert ac.value_head.weight.grad.abs().sum() > 0
+    assert all(g is None for g in trunk) == detach
+
+
 def test_grpo_short_run_logs_group_statistics(tmp_path):
     tok = chat_tokenizer()
     cfg = quiet(

@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "length-biased reward for the reward-hacking demo."
         ),
     )
-    _common(ppo, "none")
+    _common(ppo, "tiny-ppo")
     ppo.set_defaults(func=_ppo)
 
     grpo = subparsers.add_parser(
@@ -188,9 +188,9 @@ def _align(args: argparse.Namespace) -> int:
 
 
 def _ppo(args: argparse.Namespace) -> int:
-    from llmlab.align.ppo import PPOConfig, run_ppo
+    from llmlab.align.ppo import PPO_PRESETS, PPOConfig, run_ppo
 
-    m = run_ppo(_build(PPOConfig, {}, args), args.out)
+    m = run_ppo(_build(PPOConfig, PPO_PRESETS, args), args.out)
     _print(
         m,
         tuple(

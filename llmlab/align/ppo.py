@@ -66,6 +66,7 @@ class PPOConfig:
     clip_eps: float = 0.2
     vf_clip: float = 0.2
     vf_coef: float = 0.1
+    detach_value: bool = False  # value loss trains the head only, not the shared trunk (see ActorCritic)
     ppo_epochs: int = 4
     minibatch: int = 8
     micro_batch: int = 8
@@ -107,6 +108,41 @@ class PPOConfig:
                 raise ConfigError(f"config key '{k}' must be positive, got {getattr(self, k)}")
 
 
+PPO_PRESETS: dict[str, PPOConfig] = {
+    # PPO of the tiny SFT model (pass model=... and reward_model=..., an `llmlab rm` checkpoint) on task-suite
+    # prompts: 32 rollouts per step, the value loss on the head only, adaptive KL toward 2 nats, 60 steps,
+    # ~2.5 CPU minutes. Measured over four seeds: held-out reward-model score up in all four at mean KL 0.5-0.7.
+    "tiny-ppo": PPOConfig(
+        reward="rm",
+        source="tasks",
+        n_train=2000,
+        n_eval=180,
+        prompts_per_step=32,
+        max_new_tokens=20,
+        kl_coef=0.05,
+        adaptive_kl=True,
+        target_kl=2.0,
+        kl_stop=30.0,
+        ppo_epochs=2,
+        minibatch=8,
+        micro_batch=16,
+        vf_coef=1.0,
+        detach_value=True,
+        train=preference_train_config(
+            lr=3e-5,
+            min_lr=3e-5,
+            warmup_steps=0,
+            max_steps=60,
+            batch_size=16,
+            eval_every=0,
+            log_every=1,
+            grad_clip=1.0,
+            schedule="constant",
+        ),
+    ),
+}
+
+
 class AdaptiveKLController:
     """Ziegler et al.'s controller: ``β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)``."""
 
@@ -120,11 +156,17 @@ class AdaptiveKLController:
 
 
 class ActorCritic(nn.Module):
-    """The policy Transformer plus a scalar value head on its final hidden states."""
+    """The policy Transformer plus a scalar value head on its final hidden states.
 
-    def __init__(self, policy: nn.Module):
+    With ``detach_value`` the value loss trains only the head: the trunk is the policy's, and letting the value
+    regression move it too was measured to drift the policy (mean KL 5-8 nats at vf_coef 0.5) without raising
+    the reward, which then fell on held-out prompts.
+    """
+
+    def __init__(self, policy: nn.Module, detach_value: bool = False):
         super().__init__()
         self.policy = policy
+        self.detach_value = detach_value
         self.value_head = nn.Linear(policy.cfg.d_model, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -135,7 +177,8 @@ class ActorCritic(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         hidden = self.policy(input_ids, attention_mask=attention_mask, return_hidden=True)
-        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        features = hidden.detach() if self.detach_value else hidden
+        values = self.value_head(features.to(self.value_head.weight.dtype)).squeeze(-1).float()
         return self.policy.logits(hidden), values
 
 
@@ -227,7 +270,7 @@ def run_ppo(
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
     ref = prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=True)
-    ac = ActorCritic(model).to(device)
+    ac = ActorCritic(model, cfg.detach_value).to(device)
     n_updates = cfg.ppo_epochs * -(-cfg.prompts_per_step // cfg.minibatch)
     tcfg = dataclasses.replace(
         cfg.train, max_steps=cfg.train.max_steps * n_updates, eval_every=0, save_every=0
