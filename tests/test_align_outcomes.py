@@ -258,8 +258,9 @@ def test_grpo_improves_a_task(sft_model, tmp_path):
 
 
 @pytest.mark.xfail(
-    reason="issue 4 target not met convincingly: RM score 1.565 -> 1.571 (synthetic-pair RM); with an on-policy "
-    "RM first-5 1.70 -> last-5 1.89 but first-10 1.63 -> last-10 1.61 (BENCHMARKS.md)",
+    reason="on this from-scratch 2-layer SFT model (session 1): RM score 1.565 -> 1.571 with its settings; the "
+    "tiny-ppo preset raises the held-out RM score on 4/4 seeds on the 84% tiny-tasks SFT model (BENCHMARKS.md) "
+    "and was not re-run here",
     strict=False,
 )
 def test_ppo_raises_reward_within_kl(sft_model, tmp_path):
