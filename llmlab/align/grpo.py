@@ -30,7 +30,7 @@ from llmlab.align import rollout as R
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
-from llmlab.train.distributed import model_device, to_device
+from llmlab.train.distributed import to_device
 from llmlab.train.logging import write_report
 
 
@@ -183,10 +183,9 @@ def run_grpo(
         scored = [R.verifier_reward(p, o.text, cfg.format_weight) for p, o in zip(flat_problems, outs)]
         rewards = torch.tensor([s[0] for s in scored])
         adv = L.grpo_advantages(rewards, cfg.group_size)
-        # The rollout batch lives where the policy does, so reference and old log-probs are made there.
-        device = model_device(model)
-        batch = to_device(R.rl_batch(flat_prompts, [o.token_ids for o in outs], tokenizer.pad_id), device)
-        batch["advantages"] = adv.to(device)
+        # The rollout batch lives where the Trainer keeps the policy, so reference and old log-probs are made there.
+        batch = R.rl_batch(flat_prompts, [o.token_ids for o in outs], tokenizer.pad_id)
+        batch = to_device({**batch, "advantages": adv}, trainer.device)
         if cfg.beta > 0:
             batch["ref_logps"] = reference_logps(model, ref, batch, cfg.use_lora, cfg.micro_batch)
         if cfg.epochs > 1:

@@ -43,11 +43,21 @@ from llmlab.align.rollout import OnPolicyConfig, gather_pairs
 from llmlab.errors import ConfigError
 from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.distributed import model_device, to_device
 
 LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 REFERENCE_FREE = ("orpo", "simpo")
 REF_CACHE_FILE = "ref_logps.safetensors"
+# What run_offline reports per round when rounds > 1.
+ROUND_SUMMARY_KEYS = (
+    "onpolicy_sample_accuracy",
+    "onpolicy_pairs",
+    "pairs_train",
+    "loss",
+    "val_loss",
+    "val_reward_accuracy",
+)
 
 
 @dataclass
@@ -163,8 +173,6 @@ def compute_reference_logps(
     completion). Runs once; with a LoRA model, call it inside ``disable_adapter(model)``.
     """
     from tqdm.auto import tqdm
-
-    from llmlab.train.distributed import model_device, to_device
 
     device = model_device(model)
     was = model.training
@@ -294,8 +302,6 @@ def make_offline_eval(cfg: AlignConfig, source: PairSource):
     loss_fn = make_offline_loss(cfg)
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
-        from llmlab.train.distributed import model_device, to_device
-
         totals: dict[str, float] = {}
         weight = 0.0
         device = model_device(model)
@@ -402,14 +408,6 @@ def run_offline(
     out = Path(out_dir) if out_dir is not None else None
     prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=False)  # its reference is cached
     summary: list[dict[str, Any]] = []
-    keep = (
-        "onpolicy_sample_accuracy",
-        "onpolicy_pairs",
-        "pairs_train",
-        "loss",
-        "val_loss",
-        "val_reward_accuracy",
-    )
     for r in range(cfg.rounds):
         round_cfg = cfg
         if cfg.rounds > 1:  # a fresh sample of prompts and batches each round
@@ -419,7 +417,7 @@ def run_offline(
         last = r == cfg.rounds - 1
         round_out = out if out is None or last else out / f"round-{r + 1}"
         metrics = _train_round(round_cfg, round_out, model, tokenizer)
-        summary.append({"round": r + 1, **{k: metrics[k] for k in keep if k in metrics}})
+        summary.append({"round": r + 1, **{k: metrics[k] for k in ROUND_SUMMARY_KEYS if k in metrics}})
     if cfg.rounds > 1:
         metrics["rounds_summary"] = summary
     return metrics

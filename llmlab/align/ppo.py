@@ -265,7 +265,7 @@ def run_ppo(
     if model is None:
         model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
-    device = next(model.parameters()).device
+    device = model_device(model)
     scorer = make_scorer(cfg, tokenizer, device)
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=cfg.train.seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=cfg.train.seed)
@@ -327,10 +327,10 @@ def run_ppo(
             1.0,
             seed=cfg.train.seed * 7919 + step,
         )
-        # The rollout batch lives where the policy does, so values, log-probs and advantages are made there.
-        device = model_device(model)
-        scores = scorer(problems, prompts, outs).float().to(device)
-        batch = to_device(R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id), device)
+        # The rollout batch lives where the Trainer keeps the policy, so values, log-probs and advantages are
+        # made there.
+        scores = scorer(problems, prompts, outs).float().to(trainer.device)
+        batch = to_device(R.rl_batch(prompts, [o.token_ids for o in outs], tokenizer.pad_id), trainer.device)
         mask = batch["labels"] != -100
         with torch.no_grad():
             ac.eval()

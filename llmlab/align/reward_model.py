@@ -24,6 +24,7 @@ from llmlab.errors import CheckpointError, ConfigError
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
 from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.train.distributed import model_device
 from llmlab.train.logging import write_report
 
 RM_KEY = "reward_model"
@@ -137,8 +138,6 @@ def make_rm_loss(use_margin: bool = False):
 
 
 def _rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    from llmlab.train.distributed import model_device
-
     inner = getattr(model, "module", model)  # DDP
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     device = model_device(inner)  # batches are built on the CPU; the Trainer may have moved the model
@@ -274,7 +273,6 @@ class RMConfig:
 def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict[str, Any]:
     """Train a reward model; writes ``OUT/final`` (a reward-model checkpoint), ``reward_margins.png`` and
     ``rm_eval.json``. Returns the final metrics."""
-
     from llmlab.align.data import DataStats, encode_pairs, load_pairs, split_pairs
     from llmlab.align.offline import load_policy
     from llmlab.align.rollout import gather_pairs

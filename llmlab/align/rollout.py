@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from llmlab.align.data import ASSETS, Encoded, pad_sequences
 from llmlab.align.losses import token_logps
 from llmlab.errors import ConfigError, DataError
+from llmlab.train.distributed import model_device
 
 MATH_FILES = {
     name: ASSETS / f"{name}_test.jsonl.gz" for name in ("svamp", "multiarith", "addsub", "singleeq")
@@ -164,8 +165,6 @@ def generate(
         )
         for i in range(len(prompts))
     ]
-    from llmlab.train.distributed import model_device
-
     was = model.training
     # A decode step costs about the same at batch 64 or 256 on a GPU (Python and launch overhead dominate), so
     # rollouts run 4x wider there; on a CPU the step time grows with the batch.
@@ -193,8 +192,6 @@ def rl_batch(
 def batch_token_logps(model: nn.Module, batch: dict[str, Tensor], chunk: int = 16) -> Tensor:
     """Per-token log-probs ``[N, T]`` of the labels (0 off the completion), in no-grad chunks, on the
     model's device."""
-    from llmlab.train.distributed import model_device
-
     device = model_device(model)
     out = []
     for s in range(0, batch["input_ids"].shape[0], chunk):
@@ -292,8 +289,8 @@ def verifier_pairs(
 
     For each training-split problem the policy samples ``samples`` completions. The chosen response is a
     sample the verifier accepts (right answer, asked format), or the reference answer when none is (unless
-    ``reference_chosen`` is False: then such problems are dropped); the rejected one is the most frequent sample the verifier rejects. Problems the policy always solves carry no
-    preference and are dropped. Pairs built from the policy's *own* mistakes put the DPO gradient where the
+    ``reference_chosen`` is False: then such problems are dropped); the rejected one is the most frequent
+    sample the verifier rejects. Problems the policy always solves carry no preference and are dropped. Pairs built from the policy's *own* mistakes put the DPO gradient where the
     policy actually puts probability, which synthetic wrong answers (:func:`llmlab.data.tasks
     .make_preference_pairs`) mostly do not (the RSO / iterative-RPO recipe).
     """
