@@ -213,3 +213,60 @@ def test_single_norm_output_cast_under_autocast_matches_per_projection_casts(mon
     assert torch.equal(logits, ref_logits)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-3)
+
+
+# ------------------------------------------------------------------------- CPU attention under compile
+@pytest.mark.parametrize("n_heads,n_kv_heads,q_len,k_len", [(6, 6, 64, 64), (8, 2, 32, 32), (4, 4, 16, 40)])
+def test_cpu_compiled_attention_matches_fp32_sdpa(n_heads, n_kv_heads, q_len, k_len):
+    """The explicit bf16 attention used under torch.compile on a CPU: outputs and all three gradients agree
+    with fp32 SDPA to bf16 rounding (MHA, GQA, and queries aligned to the end of a longer key range)."""
+    from llmlab.model.transformer import CausalAttentionCPU, causal_bias_table
+
+    torch.manual_seed(0)
+    q = torch.randn(2, n_heads, q_len, 32).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, n_kv_heads, k_len, 32).bfloat16().requires_grad_() for _ in range(2))
+    grad_out = torch.randn(2, n_heads, q_len, 32)
+    bias = causal_bias_table(k_len)[k_len - q_len :]  # the last query sees every key
+    out = CausalAttentionCPU.apply(q, k, v, bias)
+    out.float().backward(grad_out)
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=allowed, enable_gqa=n_kv_heads != n_heads)
+    ref.backward(grad_out)
+    assert (out.float() - ref).abs().max() < 0.03
+    for got, want in zip((q, k, v), ref_in):
+        assert got.grad.shape == want.grad.shape
+        assert (got.grad.float() - want.grad).abs().max() < 0.02 * want.grad.abs().max()
+
+
+def test_cpu_attention_kernel_is_used_only_for_compiled_bf16_causal_attention(monkeypatch):
+    """Routing: the explicit kernel replaces SDPA only while compiling, in bf16, with a plain causal mask and
+    no KV cache; padding masks, fp32 and eager calls keep SDPA."""
+    from llmlab.model import transformer as tf
+
+    calls = []
+    real = tf.CausalAttentionCPU.apply
+    monkeypatch.setattr(tf.CausalAttentionCPU, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = Transformer(
+        ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    )
+    ids = torch.randint(0, 64, (2, 16))
+    eager_bf16 = model.to(torch.bfloat16)(ids)
+    assert not calls
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    compiled_bf16 = model(ids)
+    assert len(calls) == 2  # one per layer
+    assert (compiled_bf16.float() - eager_bf16.float()).abs().max() < 0.1
+    padded = torch.ones(2, 16, dtype=torch.long)
+    padded[0, :4] = 0
+    model(ids, attention_mask=padded)
+    model.float()(ids)
+    assert len(calls) == 2
+    from llmlab.model.transformer import EXPLICIT_ATTENTION_MAX_LEN
+
+    long_cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=2 * EXPLICIT_ATTENTION_MAX_LEN
+    )
+    Transformer(long_cfg).to(torch.bfloat16)(torch.randint(0, 64, (1, EXPLICIT_ATTENTION_MAX_LEN + 8)))
+    assert len(calls) == 2  # past the cap SDPA's flash kernel is faster

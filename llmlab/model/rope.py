@@ -91,6 +91,8 @@ class RotaryEmbedding(nn.Module):
         self._dynamic_len = 0
         self.register_buffer("cos_table", torch.empty(0), persistent=False)
         self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        if cfg.rope_scaling.type != "dynamic":
+            self._build(cfg.max_seq_len, inv_freq.device)  # now, not in a (compiled) forward: see forward
 
     def _build(self, length: int, device: torch.device) -> None:
         if self.cfg.rope_scaling.type == "dynamic":
@@ -105,6 +107,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions ``[B, T]`` (int) -> cos, sin ``[B, 1, T, head_dim]`` in fp32."""
+        if (
+            torch.compiler.is_compiling()
+            and self.cfg.rope_scaling.type != "dynamic"
+            and self._table_len >= self.cfg.max_seq_len
+            and self.cos_table.device == positions.device
+        ):
+            # Reading the largest position back to Python would split the compiled graph in two; the table
+            # already covers the model's context, and a position past it fails the compiled index check.
+            return self.cos_table[positions].unsqueeze(1), self.sin_table[positions].unsqueeze(1)
         needed = int(positions.max()) + 1 if positions.numel() else 1
         if self.cfg.rope_scaling.type == "dynamic":
             # transformers' dynamic NTK recomputes the base from the longest sequence in the batch.

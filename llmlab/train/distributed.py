@@ -102,7 +102,9 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DDP(model, device_ids=ids)
+    # The model's buffers (RoPE tables, ALiBi slopes, the causal mask) are constants every rank builds the same
+    # way: broadcasting them before each forward would only cost time.
+    return DDP(model, device_ids=ids, broadcast_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
