@@ -86,44 +86,19 @@ def dpo_outcome(sft, tok, out: Path, **overrides) -> dict:
     return res
 
 
-def grpo_outcome(
-    sft,
-    tok,
-    out: Path,
-    source: str = "tasks:count_letters,count_words,unit_conversion",
-    temperature: float = 0.8,
-) -> dict:
-    from llmlab.align.grpo import GRPOConfig, run_grpo
+def grpo_outcome(sft, tok, out: Path, source: str | None = None, temperature: float | None = None) -> dict:
+    """The ``tiny-grpo`` preset on this SFT model (optionally another source / temperature)."""
+    from llmlab.align.grpo import GRPO_PRESETS, run_grpo
 
     policy = copy.deepcopy(sft)
-    cfg = GRPOConfig(
-        source=source,
-        n_train=2000,
-        n_eval=60,
-        temperature=temperature,
-        group_size=8,
-        prompts_per_step=8,
-        max_new_tokens=20,
-        beta=0.04,
-        eval_every=0,
-        micro_batch=32,
-    )
-    cfg.train = quiet(
-        preference_train_config(
-            lr=2e-4,
-            min_lr=2e-4,
-            warmup_steps=0,
-            max_steps=60,
-            batch_size=32,
-            eval_every=0,
-            log_every=1,
-            schedule="constant",
-        )
-    )
+    cfg = copy.deepcopy(GRPO_PRESETS["tiny-grpo"])
+    cfg.source = source or cfg.source
+    cfg.temperature = temperature if temperature is not None else cfg.temperature
+    cfg.train = quiet(cfg.train)
     t = time.perf_counter()
     m = run_grpo(
         cfg,
-        out / f"grpo_{source.replace(':', '_').replace(',', '+')}_t{temperature}",
+        out / f"grpo_{cfg.source.replace(':', '_').replace(',', '+')}_t{cfg.temperature}",
         model=policy,
         tokenizer=tok,
         progress=False,

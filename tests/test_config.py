@@ -94,3 +94,14 @@ def test_list_override_accepts_a_yaml_list_with_commas_inside_items():
     assert cfg.data == ["tasks", "hh-rlhf"]
     set_key(cfg, "data", '["onpolicy:tasks:addition,json", tasks]')
     assert cfg.data == ["onpolicy:tasks:addition,json", "tasks"]
+
+
+def test_alignment_presets_validate_and_take_overrides():
+    from llmlab.align.grpo import GRPO_PRESETS, GRPOConfig
+    from llmlab.align.offline import ALIGN_PRESETS
+
+    for cfg in [*ALIGN_PRESETS.values(), *GRPO_PRESETS.values()]:  # PPO's presets need a reward_model= first
+        cfg.validate()
+    cfg = build_config(GRPOConfig, GRPO_PRESETS, "tiny-grpo", None, ["train.max_steps=3", "group_size=4"])
+    assert (cfg.train.max_steps, cfg.group_size, cfg.train.lr) == (3, 4, 4e-5)
+    assert GRPO_PRESETS["tiny-grpo"].train.max_steps == 350  # the preset itself is never mutated

@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Reports held-out exact match before and after."
         ),
     )
-    _common(grpo, "none")
+    _common(grpo, "tiny-grpo")
     grpo.set_defaults(func=_grpo)
 
 
@@ -205,8 +205,8 @@ def _ppo(args: argparse.Namespace) -> int:
 
 
 def _grpo(args: argparse.Namespace) -> int:
-    from llmlab.align.grpo import GRPOConfig, run_grpo
+    from llmlab.align.grpo import GRPO_PRESETS, GRPOConfig, run_grpo
 
-    m = run_grpo(_build(GRPOConfig, {}, args), args.out)
+    m = run_grpo(_build(GRPOConfig, GRPO_PRESETS, args), args.out)
     _print(m, tuple(k for k in m if k.startswith(("before_exact", "after_exact"))) + ("reward_mean", "kl"))
     return 0

@@ -79,6 +79,36 @@ class GRPOConfig:
             raise ConfigError("config keys 'beta' >= 0 and 'clip_eps' > 0 required")
 
 
+GRPO_PRESETS: dict[str, GRPOConfig] = {
+    # GRPO of the tiny SFT model (pass model=...) on the three counting/conversion tasks: 350 steps of 8
+    # prompts x 16 samples at lr 4e-5, ~13 CPU minutes at 1 thread. Measured on the weak (1500-step) SFT model,
+    # 90 held-out prompts per task: count_words 53.3% -> 65.6%, all three tasks up. lr 2e-4 (the earlier test
+    # setting) lost 20 points; 1e-5 to 3e-5 over 100-200 steps moved each task by under 5.
+    "tiny-grpo": GRPOConfig(
+        source="tasks:count_letters,count_words,unit_conversion",
+        n_train=2000,
+        n_eval=270,
+        group_size=16,
+        prompts_per_step=8,
+        max_new_tokens=20,
+        temperature=1.0,
+        beta=0.04,
+        eval_every=0,
+        micro_batch=32,
+        train=preference_train_config(
+            lr=4e-5,
+            min_lr=4e-5,
+            warmup_steps=0,
+            max_steps=350,
+            batch_size=32,
+            eval_every=0,
+            log_every=10,
+            schedule="constant",
+        ),
+    ),
+}
+
+
 def grpo_loss_fn(clip_eps: float, beta: float):
     """``loss_fn(model, batch)``: TRL's 'grpo' aggregation (mean over each completion's tokens, summed over
     completions; the trainer divides by the number of completions)."""
