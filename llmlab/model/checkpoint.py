@@ -192,10 +192,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
 
 def _rebuild_buffers(model: Transformer) -> None:
     from llmlab.model.rope import RotaryEmbedding
-    from llmlab.model.transformer import EXPLICIT_ATTENTION_MAX_LEN, alibi_slopes, causal_bias_table
+    from llmlab.model.transformer import alibi_slopes, model_causal_bias
 
     device = model.embed_tokens.weight.device
-    model.causal_bias = causal_bias_table(min(model.cfg.max_seq_len, EXPLICIT_ATTENTION_MAX_LEN)).to(device)
+    model.causal_bias = model_causal_bias(model.cfg).to(device)
     if model.rotary is not None:
         model.rotary = RotaryEmbedding(model.cfg).to(device)
     if model.cfg.position == "alibi":

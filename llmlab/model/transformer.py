@@ -129,6 +129,11 @@ def causal_bias_table(n: int) -> Tensor:
     return torch.full((n, n), float("-inf")).triu(1)
 
 
+def model_causal_bias(cfg: ModelConfig) -> Tensor:
+    """The model's ``causal_bias`` buffer: the table for every context the explicit kernel serves."""
+    return causal_bias_table(min(cfg.max_seq_len, EXPLICIT_ATTENTION_MAX_LEN))
+
+
 class CausalAttentionCPU(torch.autograd.Function):
     """Causal bf16 attention as two batched matmuls around an fp32 softmax, with a hand-written backward.
 
@@ -288,8 +293,7 @@ class Transformer(nn.Module):
         self.rotary = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         if cfg.position == "alibi":
             self.register_buffer("alibi", alibi_slopes(cfg.n_heads), persistent=False)
-        bias_len = min(cfg.max_seq_len, EXPLICIT_ATTENTION_MAX_LEN)
-        self.register_buffer("causal_bias", causal_bias_table(bias_len), persistent=False)
+        self.register_buffer("causal_bias", model_causal_bias(cfg), persistent=False)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
