@@ -199,8 +199,9 @@ def test_grpo_advantages_and_loss():
     assert clipped[0].tolist() == [True, False]
 
 
-def test_grpo_matches_trl_compute_loss():
-    """TRL's GRPOTrainer._compute_loss (loss_type 'grpo', k3 KL, two-sided clip) on the same tensors."""
+@pytest.mark.parametrize("loss_type", L.GRPO_LOSS_TYPES)
+def test_grpo_matches_trl_compute_loss(loss_type):
+    """TRL's GRPOTrainer._compute_loss (k3 KL, two-sided clip, each aggregation rule) on the same tensors."""
     from trl.trainer.grpo_trainer import GRPOTrainer
 
     g = torch.Generator().manual_seed(1)
@@ -213,20 +214,38 @@ def test_grpo_matches_trl_compute_loss():
     mask[3, 2:] = 0
     adv = torch.randn(B, generator=g)
     ours, _, _ = L.grpo_loss(lp, old, ref, adv, clip_eps=0.2, beta=0.04)
-    # TRL 'grpo' loss: per-sequence masked mean, then mean over sequences.
-    ours_scalar = ((ours * mask).sum(1) / mask.sum(1)).mean()
-    trl_loss = _trl_grpo(GRPOTrainer, lp, old, ref, adv, mask)
-    assert ours_scalar.item() == pytest.approx(trl_loss, abs=1e-6)
+    loss_sum, weight = L.grpo_aggregate(ours, mask, loss_type, max_completion_length=T)
+    trl_loss = _trl_grpo(GRPOTrainer, lp, old, ref, adv, mask, loss_type)
+    assert (loss_sum / weight).item() == pytest.approx(trl_loss, abs=1e-6)
+    by_hand = {  # the three rules written out, on the same per-token losses
+        "grpo": ((ours * mask).sum(1) / mask.sum(1)).mean(),
+        "dapo": (ours * mask).sum() / mask.sum(),
+        "dr_grpo": (ours * mask).sum() / (B * T),
+    }[loss_type]
+    assert (loss_sum / weight).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    if loss_type != "grpo":  # the rules really differ on ragged completions
+        grpo_sum, grpo_weight = L.grpo_aggregate(ours, mask, "grpo")
+        assert abs((grpo_sum / grpo_weight).item() - (loss_sum / weight).item()) > 1e-3
+    with pytest.raises(ValueError, match="loss_type"):
+        L.grpo_aggregate(ours, mask, "bnpo-typo")
 
 
-def _trl_grpo(cls, lp, old, ref, adv, mask) -> float:
+def test_grpo_config_rejects_unknown_loss_type():
+    from llmlab.align.grpo import GRPOConfig
+    from llmlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loss_type"):
+        GRPOConfig(loss_type="ppo").validate()
+
+
+def _trl_grpo(cls, lp, old, ref, adv, mask, loss_type: str = "grpo") -> float:
     """Call GRPOTrainer._compute_loss unbound; the stand-in's log-prob hook returns the fixed ``lp``."""
     B, T = lp.shape
     stand_in = _stand_in(
         beta=0.04,
         epsilon_low=0.2,
         epsilon_high=0.2,
-        loss_type="grpo",
+        loss_type=loss_type,
         importance_sampling_level="token",
         top_entropy_quantile=1.0,
         use_vllm=False,
@@ -235,7 +254,7 @@ def _trl_grpo(cls, lp, old, ref, adv, mask) -> float:
         max_completion_length=T,
         current_gradient_accumulation_steps=1,
         _entropy_bonus_enabled=False,
-        args=SimpleNamespace(use_bias_correction_kl=False, delta=None),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
         _get_per_token_logps_and_entropies=lambda *a, **k: (lp, torch.zeros_like(lp), None),
     )
     inputs = {
@@ -246,6 +265,7 @@ def _trl_grpo(cls, lp, old, ref, adv, mask) -> float:
         "advantages": adv,
         "old_per_token_logps": old,
         "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum().float(),  # dapo's normalizer: completion tokens in the batch
     }
     return float(cls._compute_loss(stand_in, None, inputs))
 

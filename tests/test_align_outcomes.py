@@ -226,12 +226,10 @@ def test_dpo_beats_sft(sft_model, tmp_path):
     assert r["win_rate_decided"] >= 0.65
 
 
-@pytest.mark.xfail(
-    reason="on this from-scratch 2-layer SFT model the tiny-grpo preset gave count_words 75.6% -> 84.4% (+8.9 points, "
-    "session 5), just short of +10; on the weak 1500-step tiny-tasks SFT model it gave +12.2 (and lr 2e-5 x 500 "
-    "steps +13.3), BENCHMARKS.md",
-    strict=False,
-)
+# Measured (session 6, 1 thread): count_words 68.9% -> 82.2% (+13.3 points, 284 s); loss_type dapo / dr_grpo and
+# Dr. GRPO (dr_grpo, scale_rewards=false) on the same model: +12.2 / +12.2 / +13.3. The gain depends on the
+# from-scratch SFT model this fixture trains: session 5's fixture gained +8.9, and one trained at 8 threads on
+# another machine (81.1% before) +1.1 (BENCHMARKS.md).
 def test_grpo_improves_a_task(sft_model, tmp_path):
     r = grpo_outcome(*sft_model, tmp_path)
     print(json.dumps(r))

@@ -124,6 +124,34 @@ def test_grpo_short_run_logs_group_statistics(tmp_path):
     assert (tmp_path / "g" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_grpo_loss_types_hold_over_the_whole_batch_when_split(loss_type):
+    """Each aggregation rule is over the whole rollout batch. The Trainer divides the summed ``loss_sum`` of
+    all micro-batches by their summed ``weight``; micro-batches whose completions have different lengths
+    must then give the gradient of one batch (dapo's token count is summed across micro-batches)."""
+    from llmlab.align.grpo import grpo_loss_fn
+
+    tok = chat_tokenizer()
+    g = torch.Generator().manual_seed(0)
+    prompts = [[5 + i, 9, 11] for i in range(4)]
+    completions = [[7] * n for n in (1, 2, 6, 8)]  # ragged: the micro-batches hold 3 and 14 tokens
+    batch = R.rl_batch(prompts, completions, tok.pad_id)
+    batch["advantages"] = torch.randn(4, generator=g)
+    model = tiny_model(seed=1)
+    loss_fn = grpo_loss_fn(0.2, 0.0, loss_type, max_completion_length=8)
+    grads = []
+    for parts in ([batch], R.split_batch(batch, 2)):
+        model.zero_grad()
+        outs = [loss_fn(model, mb) for mb in parts]
+        total_weight = sum(o.weight for o in outs)
+        (sum(o.loss_sum for o in outs) / total_weight).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    one, split = grads
+    assert any(v.abs().max() > 0 for v in one.values())
+    for k in one:
+        torch.testing.assert_close(split[k], one[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 def _guard_cfg(steps: int, kl_stop: float | None) -> PPOConfig:
     cfg = quiet(
         PPOConfig(

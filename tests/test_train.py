@@ -101,6 +101,29 @@ def test_grad_accumulation_equals_one_big_batch(data_dir, masked):
         torch.testing.assert_close(state_a[k], state_b[k], rtol=0, atol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("grad_clip", [0.05, 0.0])
+def test_fused_scale_and_clip_equals_in_place_scaling(data_dir, grad_clip):
+    """The fused-AdamW route hands the mean-and-clip factor to the kernel (``grad_scale``) instead of
+    scaling the gradients in place; both routes must take the same steps and report the same norm."""
+    batches = [PackedLoader(data_dir, "train", 4, SEQ, seed=s).next_batch() for s in range(3)]
+    runs = []
+    for fused in (True, False):
+        model = fresh_model()
+        trainer = Trainer(model, quiet(grad_clip=grad_clip), None)
+        if not fused:
+            for group in trainer.optimizer.param_groups:
+                group["fused"] = False  # the foreach AdamW, which takes the in-place route
+        norms = [trainer.train_step([b])["grad_norm"] for b in batches]
+        assert getattr(trainer.optimizer, "grad_scale", None) is None  # no factor leaks past a step
+        runs.append((norms, model.state_dict()))
+    (norms_a, state_a), (norms_b, state_b) = runs
+    assert norms_a == pytest.approx(norms_b, rel=1e-5)
+    if grad_clip:
+        assert min(norms_a) > grad_clip  # clipping really was active on every step
+    for k in state_a:
+        torch.testing.assert_close(state_a[k], state_b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_param_groups_skip_decay_on_1d_and_embeddings():
     model = fresh_model(qkv_bias=True)
     decay, no_decay = param_groups(model, 0.1)

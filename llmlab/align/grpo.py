@@ -7,6 +7,11 @@ and takes ``epochs`` optimizer steps of the clipped objective with a k3 KL penal
 (:func:`~llmlab.align.losses.grpo_loss`) through ``Trainer.train_step``. The reference is the starting policy:
 with LoRA the same weights with the adapter disabled, otherwise a frozen copy.
 
+``loss_type`` picks how token losses are averaged, with TRL's names (:func:`~llmlab.align.losses
+.grpo_aggregate`): ``grpo`` (per completion, then over completions), ``dapo`` (over all tokens of the rollout
+batch) or ``dr_grpo`` (a constant ``completions x max_new_tokens``); ``scale_rewards=false`` with ``dr_grpo``
+is Dr. GRPO (Liu et al. 2025), which drops both the length and the std normalization.
+
 Logged per step: reward mean, the mean within-group reward std, the fraction of groups whose samples all
 scored the same (zero variance: no learning signal), accuracy, format rate, completion length, KL, clip
 fraction; held-out exact match (greedy) every ``eval_every`` steps and at the start and end.
@@ -48,6 +53,9 @@ class GRPOConfig:
     beta: float = 0.04  # KL coefficient (k3 estimator); 0 = no reference model
     clip_eps: float = 0.2
     epochs: int = 1  # optimizer steps per rollout batch (> 1 makes the clip matter)
+    loss_type: str = "grpo"  # grpo | dapo | dr_grpo: how token losses are averaged (losses.grpo_aggregate)
+    # Divide advantages by the group's reward std (False: Dr. GRPO's centring only).
+    scale_rewards: bool = True
     format_weight: float = 0.1
     micro_batch: int = 16
     eval_every: int = 25
@@ -75,6 +83,10 @@ class GRPOConfig:
         for k in ("prompts_per_step", "max_new_tokens", "epochs", "micro_batch"):
             if getattr(self, k) <= 0:
                 raise ConfigError(f"config key '{k}' must be positive, got {getattr(self, k)}")
+        if self.loss_type not in L.GRPO_LOSS_TYPES:
+            raise ConfigError(
+                f"config key 'loss_type' must be one of {', '.join(L.GRPO_LOSS_TYPES)}, got {self.loss_type!r}"
+            )
         if self.beta < 0 or self.clip_eps <= 0:
             raise ConfigError("config keys 'beta' >= 0 and 'clip_eps' > 0 required")
 
@@ -109,9 +121,11 @@ GRPO_PRESETS: dict[str, GRPOConfig] = {
 }
 
 
-def grpo_loss_fn(clip_eps: float, beta: float):
-    """``loss_fn(model, batch)``: TRL's 'grpo' aggregation (mean over each completion's tokens, summed over
-    completions; the trainer divides by the number of completions)."""
+def grpo_loss_fn(
+    clip_eps: float, beta: float, loss_type: str = "grpo", max_completion_length: int | None = None
+):
+    """``loss_fn(model, batch)``: the per-token GRPO loss aggregated by ``loss_type``
+    (:func:`llmlab.align.losses.grpo_aggregate`, TRL's rule of the same name)."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor]):
         from llmlab.train import LossOutput
@@ -122,13 +136,12 @@ def grpo_loss_fn(clip_eps: float, beta: float):
         old = batch["old_logps"] if "old_logps" in batch else lp.detach()
         ref = batch.get("ref_logps") if beta > 0 else None
         loss, kl, clipped = L.grpo_loss(lp, old, ref, batch["advantages"], clip_eps, beta)
-        per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        n = float(per_seq.shape[0])
+        loss_sum, weight = L.grpo_aggregate(loss, mask, loss_type, max_completion_length)
         metrics = {
             "kl": float(L.masked_mean(kl.detach(), mask)),
             "clip_frac": float(L.masked_mean(clipped.float(), mask)),
         }
-        return LossOutput(per_seq.sum(), n, metrics)
+        return LossOutput(loss_sum, weight, metrics)
 
     return loss_fn
 
@@ -180,7 +193,7 @@ def run_grpo(
         model,
         tcfg,
         state,
-        loss_fn=grpo_loss_fn(cfg.clip_eps, cfg.beta),
+        loss_fn=grpo_loss_fn(cfg.clip_eps, cfg.beta, cfg.loss_type, cfg.max_new_tokens),
         tokenizer=tokenizer,
         out_dir=out,
         extra_config={"grpo": json.loads(json.dumps(dataclasses.asdict(cfg), default=str))},
@@ -212,7 +225,7 @@ def run_grpo(
         )
         scored = [R.verifier_reward(p, o.text, cfg.format_weight) for p, o in zip(flat_problems, outs)]
         rewards = torch.tensor([s[0] for s in scored])
-        adv = L.grpo_advantages(rewards, cfg.group_size)
+        adv = L.grpo_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards)
         # The rollout batch lives where the Trainer keeps the policy, so reference and old log-probs are made there.
         batch = R.rl_batch(flat_prompts, [o.token_ids for o in outs], tokenizer.pad_id)
         batch = to_device({**batch, "advantages": adv}, trainer.device)

@@ -308,6 +308,36 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: f
     return adv.reshape(-1)
 
 
+GRPO_LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+
+
+def grpo_aggregate(
+    per_token_loss: Tensor, mask: Tensor, loss_type: str = "grpo", max_completion_length: int | None = None
+) -> tuple[Tensor, float]:
+    """How per-token GRPO losses ``[B, T]`` (``mask`` 1 on completion tokens) become one number, as
+    ``(loss_sum, weight)``: the trainer divides the sum of ``loss_sum`` over all micro-batches and ranks by
+    the sum of ``weight``, so each rule holds over the whole rollout batch.
+
+    - ``grpo`` (DeepSeekMath): mean over each completion's tokens, then over completions. Every completion
+      weighs the same, so a token of a long one weighs less (the length bias Dr. GRPO points out).
+    - ``dapo`` (Yu et al. 2025, TRL's ``dapo``): sum over all completion tokens / their number: every
+      token weighs the same.
+    - ``dr_grpo`` (Liu et al. 2025): sum over all completion tokens / (completions x
+      ``max_completion_length``): a constant normalizer, so no length bias.
+    """
+    masked = (per_token_loss * mask).sum(-1)
+    n = per_token_loss.shape[0]
+    if loss_type == "grpo":
+        return (masked / mask.sum(-1).clamp(min=1)).sum(), float(n)
+    if loss_type == "dapo":
+        return masked.sum(), float(mask.sum())
+    if loss_type == "dr_grpo":
+        if not max_completion_length:
+            raise ValueError("loss_type 'dr_grpo' needs max_completion_length")
+        return masked.sum() / max_completion_length, float(n)
+    raise ValueError(f"unknown GRPO loss_type {loss_type!r}; expected one of {', '.join(GRPO_LOSS_TYPES)}")
+
+
 def grpo_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
