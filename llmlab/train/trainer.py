@@ -279,9 +279,10 @@ class Trainer:
             if not math.isfinite(norm):
                 return norm  # the guard skips this step
             factor = scale * min(1.0, max_norm / (norm + 1e-6))
-            # grad_scale is the hook torch's GradScaler uses; the kernel computes grad / grad_scale.
-            self.optimizer.grad_scale = torch.tensor(1.0 / factor, device=grads[0].device)
-            return norm
+            if factor > 1e-30:  # else (an absurd norm) its inverse would overflow: take the in-place route
+                # grad_scale is the hook torch's GradScaler uses; the kernel computes grad / grad_scale.
+                self.optimizer.grad_scale = torch.tensor(1.0 / factor, device=grads[0].device)
+                return norm
         if scale != 1.0:
             if _foreach_ok(grads):
                 torch._foreach_mul_(grads, scale)
