@@ -269,7 +269,8 @@ class Trainer:
         gradient (measured ~2.5 ms of a ~240 ms ``small-14m`` CPU step). DTensor (FSDP2) gradients and unfused
         optimizers take the in-place route.
         """
-        grads = [p.grad for p in self._trainable() if p.grad is not None]
+        params = [p for p in self._trainable() if p.grad is not None]
+        grads = [p.grad for p in params]
         if not grads:
             return 0.0
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -289,7 +290,6 @@ class Trainer:
             else:
                 for g in grads:
                     g.mul_(scale)
-        params = [p for p in self._trainable() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
             norm = norm.full_tensor()
