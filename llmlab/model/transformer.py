@@ -140,9 +140,9 @@ class CausalAttentionCPU(torch.autograd.Function):
     Only for ``torch.compile`` on a CPU: there inductor fuses the mask, softmax and the backward's
     elementwise work, and the four batched matmuls run on the bf16 matrix units. SDPA's CPU flash kernel
     spends ~5x its forward time in the backward; at 256 tokens this path is ~1.9x faster per layer
-    (bench/attention_cpu.py) and took the compiled 14M training step from ~305 to ~255 ms. The scores are bf16 before the softmax, as in
-    transformers' "eager" attention; the probabilities are kept (bf16) for the backward instead of being
-    recomputed, which is cheap at the context lengths a CPU trains at.
+    (bench/attention_cpu.py) and took the compiled 14M training step from ~305 to ~255 ms. The scores are
+    bf16 before the softmax, as in transformers' "eager" attention; the probabilities are kept (bf16) for
+    the backward instead of being recomputed, which is cheap at the context lengths a CPU trains at.
     """
 
     @staticmethod
