@@ -542,6 +542,36 @@ def test_fused_chunked_cross_entropy_matches_plain(precision, masked):
     torch.testing.assert_close(no_grad_loss, grads[1][0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logits_cross_entropy_matches_f_cross_entropy(dtype, compiled):
+    """The compiled step's cross-entropy: same loss as F.cross_entropy(logits.float()), same gradient up to the
+    logits' rounding, rows labelled -100 ignored and a non-unit upstream gradient honoured."""
+    from llmlab.train.fused_ce import logits_cross_entropy
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(37, 50)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (37,))
+    labels[::4] = -100
+    fn = torch.compile(logits_cross_entropy, fullgraph=True) if compiled else logits_cross_entropy
+    results = []
+    for f in (fn, None):
+        logits.grad = None
+        if f is None:
+            loss = torch.nn.functional.cross_entropy(
+                logits.float(), labels, ignore_index=-100, reduction="sum"
+            )
+        else:
+            loss = f(logits, labels)
+        (1.5 * loss).backward()
+        results.append((loss.detach(), logits.grad.clone()))
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-5)
+    assert grad_a.dtype == dtype and grad_a[::4].abs().max() == 0  # ignored rows get no gradient
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(grad_a, grad_b, rtol=tol, atol=tol)
+
+
 def test_local_device_names_this_ranks_device(monkeypatch):
     """Stages load models onto local_device(train.device) before copying them (reference, teacher): it must
     be the device the Trainer picks, the rank's own GPU under torchrun."""

@@ -35,7 +35,7 @@ from llmlab.errors import CheckpointError
 from llmlab.train import distributed as dist_utils
 from llmlab.train import state as st
 from llmlab.train.config import TrainConfig
-from llmlab.train.fused_ce import fused_linear_cross_entropy
+from llmlab.train.fused_ce import fused_linear_cross_entropy, logits_cross_entropy
 from llmlab.train.logging import PLOT_FILE, MetricsLogger, plot_loss_curve
 from llmlab.train.optim import build_optimizer, lr_at
 from llmlab.train.perf import measure_peak_tflops, mfu, retain_freed_cpu_memory
@@ -61,7 +61,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
 
     For an llmlab Transformer with a plain output head (one process or DDP) the head matmul and the loss are
     fused and chunked (:mod:`llmlab.train.fused_ce`); otherwise (FSDP, an adapted or quantized head, inside
-    ``torch.compile``, which fuses the plain path itself) full logits go through ``F.cross_entropy``.
+    ``torch.compile``, which fuses the plain path itself) full logits go through ``F.cross_entropy``, or,
+    when compiling, through :func:`~llmlab.train.fused_ce.logits_cross_entropy`, whose backward inductor fuses
+    into one exponential pass.
     """
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
     labels = batch["labels"]
@@ -71,6 +73,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         loss_sum = fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1)
         )
+    elif torch.compiler.is_compiling():
+        logits = model(batch["input_ids"], **kwargs)
+        loss_sum = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     else:
         logits = model(batch["input_ids"], **kwargs)
         loss_sum = F.cross_entropy(
