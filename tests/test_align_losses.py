@@ -47,6 +47,26 @@ def test_dpo_hand_values():
     assert L.dpo_loss(*same, beta=3.0).item() == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_dpop_hand_values():
+    # Chosen above its reference: no penalty, DPOP is DPO. h = 2, beta = 0.5 -> -log sig(1).
+    args = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
+    assert L.dpop_loss(*args, beta=0.5, lambda_=50.0).item() == pytest.approx(-math.log(sig(1.0)), abs=1e-6)
+    # Chosen 0.5 below its reference while the rejected falls further: DPO sees h = -0.5 + 2 = 1.5 and is
+    # content; DPOP subtracts lambda x 0.5 = 2.5, so beta x (1.5 - 2.5) = -0.5.
+    fell = [torch.tensor([-2.5]), torch.tensor([-4.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
+    assert L.dpo_loss(*fell, beta=0.5).item() == pytest.approx(-math.log(sig(0.75)), abs=1e-6)
+    assert L.dpop_loss(*fell, beta=0.5, lambda_=5.0).item() == pytest.approx(-math.log(sig(-0.5)), abs=1e-6)
+    # lambda 0 is plain DPO; the penalty's gradient pushes the chosen log-prob up.
+    pc = torch.tensor([-2.5], requires_grad=True)
+    L.dpop_loss(pc, *fell[1:], beta=0.5, lambda_=5.0).sum().backward()
+    dpo_pc = torch.tensor([-2.5], requires_grad=True)
+    L.dpo_loss(dpo_pc, *fell[1:], beta=0.5).sum().backward()
+    assert pc.grad.item() < dpo_pc.grad.item() < 0
+    assert L.dpop_loss(*fell, beta=0.5, lambda_=0.0).item() == pytest.approx(
+        L.dpo_loss(*fell, beta=0.5).item()
+    )
+
+
 def test_ipo_hand_values():
     args = [torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])]
     # h = 2, tau = 0.25 -> (2 - 2)^2 = 0: IPO's optimum is a log-ratio gap of exactly 1/(2 tau).

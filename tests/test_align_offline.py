@@ -104,7 +104,7 @@ def test_policy_trains_without_dropout_and_keeps_lora_dropout():
     assert model.cfg.dropout == 0.0
 
 
-@pytest.mark.parametrize("loss", ["dpo", "ipo", "kto", "orpo", "simpo"])
+@pytest.mark.parametrize("loss", ["dpo", "dpop", "ipo", "kto", "orpo", "simpo"])
 def test_each_loss_improves_held_out_preferences(tmp_path, loss):
     tok = chat_tokenizer()
     model = tiny_model(seed=4)

@@ -74,7 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "with the adapter disabled. Presets: tiny-dpo, smollm2-dpo-lora."
         ),
     )
-    al.add_argument("--loss", choices=["dpo", "ipo", "kto", "orpo", "simpo"], default=None, help="objective")
+    al.add_argument(
+        "--loss", choices=["dpo", "dpop", "ipo", "kto", "orpo", "simpo"], default=None, help="objective"
+    )
     al.add_argument(
         "--skip-invalid", action="store_true", help="count and skip malformed pairs instead of stopping"
     )

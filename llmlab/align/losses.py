@@ -102,6 +102,26 @@ def dpo_loss(
     return loss
 
 
+def dpop_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float = 0.1,
+    lambda_: float = 50.0,
+) -> Tensor:
+    """DPO-Positive (Pal et al. 2024, "Smaug", eq. 3), on summed response log-probs.
+
+    ``L = −log σ(β·(h − λ·max(0, log π_ref(y_w) − log π(y_w))))`` with ``h`` DPO's log-ratio difference.
+    When chosen and rejected differ in a few tokens (a digit of an answer), DPO can lower the chosen
+    response's likelihood along with the rejected one's; the penalty is zero until the policy makes the
+    chosen response less likely than the reference did, then grows with λ.
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    penalty = (ref_chosen_logps - policy_chosen_logps).clamp(min=0)
+    return -F.logsigmoid(beta * (h - lambda_ * penalty))
+
+
 def ipo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,

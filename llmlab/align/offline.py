@@ -45,8 +45,8 @@ from llmlab.model.lora import LoRAConfig
 from llmlab.train.config import TrainConfig, preference_train_config
 from llmlab.train.distributed import model_device, to_device
 
-LOSSES = ("dpo", "ipo", "kto", "orpo", "simpo")
-DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
+LOSSES = ("dpo", "dpop", "ipo", "kto", "orpo", "simpo")
+DEFAULT_BETA = {"dpo": 0.1, "dpop": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
 REFERENCE_FREE = ("orpo", "simpo")
 REF_CACHE_FILE = "ref_logps.safetensors"
 # What run_offline reports per round when rounds > 1.
@@ -76,9 +76,12 @@ class AlignConfig:
     beta: float | None = None
     label_smoothing: float = 0.0  # cDPO
     rpo_alpha: float = (
-        0.0  # dpo/ipo: + alpha x chosen NLL per token (RPO, TRL's rpo_alpha): keeps chosen likely
+        0.0  # dpo/dpop/ipo: + alpha x chosen NLL per token (RPO, TRL's rpo_alpha): keeps chosen likely
     )
     simpo_gamma: float = 0.5
+    dpop_lambda: float = (
+        50.0  # dpop: weight of the penalty on the chosen response falling below the reference
+    )
     # "onpolicy:SOURCE" data (e.g. onpolicy:tasks): pairs from the starting policy's own samples, judged by
     # the verifier (see llmlab.align.rollout.verifier_pairs)
     onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
@@ -104,6 +107,8 @@ class AlignConfig:
             raise ConfigError(f"config key 'beta' must be > 0, got {self.beta}")
         if self.rpo_alpha < 0:
             raise ConfigError(f"config key 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
+        if self.dpop_lambda < 0:
+            raise ConfigError(f"config key 'dpop_lambda' must be >= 0, got {self.dpop_lambda}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"config key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.max_len < 8:
@@ -270,6 +275,8 @@ def make_offline_loss(cfg: AlignConfig):
             refc, refr = ref[:B], ref[B:]
             if kind == "dpo":
                 losses = L.dpo_loss(pc, pr, refc, refr, beta, cfg.label_smoothing)
+            elif kind == "dpop":
+                losses = L.dpop_loss(pc, pr, refc, refr, beta, cfg.dpop_lambda)
             else:
                 losses = L.ipo_loss(pc / nc, pr / nr, refc / nc, refr / nr, beta)
             if cfg.rpo_alpha:
