@@ -136,8 +136,9 @@ class _LogitsCrossEntropy(torch.autograd.Function):
         row_grad = torch.where(valid, grad_out, 0.0)
         grad = (torch.exp(logits.float() - lse.unsqueeze(1)) * row_grad.unsqueeze(1)).to(logits.dtype)
         rows = torch.arange(grad.shape[0], device=grad.device)
-        grad = grad.index_put((rows, safe), (grad[rows, safe].float() - row_grad).to(grad.dtype))
-        return grad, None
+        # (p_target - 1) * grad from fp32, not from the rounded p_target * grad, where p_target is near 1
+        target_grad = (torch.exp(logits[rows, safe].float() - lse) - 1.0) * row_grad
+        return grad.index_put((rows, safe), target_grad.to(grad.dtype)), None
 
 
 def logits_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
