@@ -82,6 +82,13 @@ def bradley_terry_loss(
 # ----------------------------------------------------------------------------- offline preference
 
 
+def _logratio_gap(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor
+) -> Tensor:
+    """``h = log π(y_w)/π_ref(y_w) − log π(y_l)/π_ref(y_l)``, the quantity DPO, DPOP and IPO act on."""
+    return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -95,7 +102,7 @@ def dpo_loss(
     ``L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h)`` with ``h`` from summed response log-probs. ``ε = 0`` is plain
     DPO; ``ε > 0`` treats each label as flipped with probability ε.
     """
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    h = _logratio_gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     loss = -F.logsigmoid(beta * h)
     if label_smoothing:
         loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-beta * h)
@@ -117,7 +124,7 @@ def dpop_loss(
     response's likelihood along with the rejected one's; the penalty is zero until the policy makes the
     chosen response less likely than the reference did, then grows with λ.
     """
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    h = _logratio_gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     penalty = (ref_chosen_logps - policy_chosen_logps).clamp(min=0)
     return -F.logsigmoid(beta * (h - lambda_ * penalty))
 
@@ -134,7 +141,7 @@ def ipo_loss(
     The caller passes log-probs *averaged* over response tokens (as TRL does, confirmed with the IPO
     authors), so the squared loss does not grow with response length.
     """
-    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    h = _logratio_gap(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (h - 1.0 / (2.0 * beta)) ** 2
 
 

@@ -60,10 +60,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     """Next-token cross-entropy summed over ``labels != -100`` (labels are already shifted by the loader).
 
     For an llmlab Transformer with a plain output head (one process or DDP) the head matmul and the loss are
-    fused and chunked (:mod:`llmlab.train.fused_ce`); otherwise (FSDP, an adapted or quantized head, inside
-    ``torch.compile``, which fuses the plain path itself) full logits go through ``F.cross_entropy``, or,
-    when compiling, through :func:`~llmlab.train.fused_ce.logits_cross_entropy`, whose backward inductor fuses
-    into one exponential pass.
+    fused and chunked (:mod:`llmlab.train.fused_ce`). Otherwise (FSDP, an adapted or quantized head) full
+    logits go through ``F.cross_entropy``; inside ``torch.compile``, which fuses the plain path itself, they go
+    through :func:`~llmlab.train.fused_ce.logits_cross_entropy`, whose backward inductor fuses into one pass.
     """
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
     labels = batch["labels"]
@@ -73,17 +72,13 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         loss_sum = fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1)
         )
-    elif torch.compiler.is_compiling():
-        logits = model(batch["input_ids"], **kwargs)
-        loss_sum = logits_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     else:
         logits = model(batch["input_ids"], **kwargs)
-        loss_sum = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(),
-            labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        if torch.compiler.is_compiling():
+            loss_sum = logits_cross_entropy(flat_logits, flat_labels)
+        else:
+            loss_sum = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
     return LossOutput(loss_sum, float((labels != -100).sum()))
 
 
