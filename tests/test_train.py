@@ -498,6 +498,37 @@ def test_compiled_step_matches_eager(data_dir, precision, tolerance, monkeypatch
     assert (sabotaged != pytest.approx(eager, rel=tolerance)) == (precision == "bf16")
 
 
+def test_deterministic_sets_torchs_flag(data_dir):
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        Trainer(fresh_model(), quiet(deterministic=True), PackedLoader(data_dir, "train", 4, SEQ))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_deterministic_compiled_steps_repeat_bitwise(data_dir):
+    """With two threads inductor's embedding backward adds rows with atomic float adds, so two identical
+    compiled runs can end a few ulps apart; ``deterministic=True`` must make them bit-identical."""
+
+    def losses() -> list[float]:
+        # Big enough for inductor to split the embedding backward across both threads (at d_model 64 and
+        # 8 x 32 tokens it does not, and plain runs repeat too); without the flag, 3 runs here differ.
+        cfg = quiet(compile=True, precision="bf16", deterministic=True, batch_size=16, seq_len=64)
+        model = fresh_model(d_model=128, max_seq_len=64)
+        trainer = Trainer(model, cfg, PackedLoader(data_dir, "train", 16, 64))
+        return [trainer.train_step([trainer.train_source.next_batch()])["loss"] for _ in range(4)]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the module runs at one thread, where the adds happen in a fixed order anyway
+    try:
+        first = losses()
+        assert losses() == first and losses() == first
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from llmlab.apps.demo import main

@@ -60,6 +60,10 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda if available, else cpu
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     seed: int = 0
+    # Bitwise-reproducible steps: torch's deterministic algorithms (process-wide). Matters for compile=True
+    # with several CPU threads, where inductor's embedding backward adds rows with atomic float adds in a
+    # varying order; it then uses aten's sorted index_put instead (BENCHMARKS.md has the cost).
+    deterministic: bool = False
     # loss-spike / NaN guard: skip a step whose loss is non-finite or > spike_factor x the running median of
     # the last ``spike_window`` good losses; after ``spike_patience`` skipped steps in a row, roll back to
     # the last checkpoint and multiply the learning rate by ``rollback_lr_factor``.

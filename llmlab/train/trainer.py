@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import statistics
 import time
 from collections import deque
@@ -141,6 +142,10 @@ class Trainer:
         self.device = self.dist.device
         if self.device.type == "cpu":
             retain_freed_cpu_memory()  # no page faults on every step's activations (see perf.py)
+        if cfg.deterministic:
+            if self.device.type == "cuda":  # cuBLAS reads this when its first handle is made
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
         self.model = model.to(self.device)  # the user's module (FSDP2 shards it in place)
         self.model.train()
