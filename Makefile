@@ -31,11 +31,18 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 demo: $(VENV)/.installed
 	$(PY) -m llmlab.apps.demo
 
-test: $(VENV)/.installed-dev
+# Debian's chromium for the browser tests (the web UI, the report card). Best effort: where apt cannot
+# install it, those tests skip with a reason.
+$(VENV)/.chromium: | $(PY)
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 \
+		|| echo "chromium could not be installed; browser tests will skip"; }
+	touch $@
+
+test: $(VENV)/.installed-dev $(VENV)/.chromium
 	$(PY) -m pytest -q
 
 # Everything, slow end-to-end runs included.
-test-all: $(VENV)/.installed-dev
+test-all: $(VENV)/.installed-dev $(VENV)/.chromium
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(VENV)/.installed-dev

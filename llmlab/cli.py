@@ -26,6 +26,8 @@ COMMAND_MODULES = [
     "llmlab.quant.cli",  # quantize
     "llmlab.eval.cli",  # eval
     "llmlab.interop.cli",  # convert
+    "llmlab.pipeline.cli",  # pipeline, analyze
+    "llmlab.serve.cli",  # serve
 ]
 
 
