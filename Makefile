@@ -29,7 +29,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	touch $(VENV)/.installed $@
 
 demo: $(VENV)/.installed
-	$(PY) -m llmlab.apps.demo
+	$(PY) -m llmlab pipeline --preset tiny --out runs/demo
 
 # Debian's chromium for the browser tests (the web UI, the report card). Best effort: where apt cannot
 # install it, those tests skip with a reason.

@@ -25,9 +25,10 @@ MODES = ("full", "lora", "qlora")
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
-    from llmlab.model.lora import LoRAConfig, apply_lora, describe, quantize_for_qlora
+    from llmlab.model.lora import LoRAConfig, apply_lora, describe
+    from llmlab.quant.qlora import quantize_for_qlora
+    from llmlab.recipes.common import load_base
     from llmlab.sft.datasets import SFTBatchSource, encode_conversations, load_conversations
-    from llmlab.sft.recipe import load_base
     from llmlab.train import TrainConfig, Trainer
 
     torch.manual_seed(0)

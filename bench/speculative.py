@@ -32,9 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode import decode_rate  # noqa: E402
 
-from llmlab.distill.recipe import heldout_prompts, spaced_layers, student_from_teacher  # noqa: E402
+from llmlab.distill import heldout_prompts, spaced_layers, student_from_teacher  # noqa: E402
 from llmlab.infer import LLM, SamplingParams  # noqa: E402
-from llmlab.infer.speculative import SpeculativeDecoder  # noqa: E402
 
 
 def main() -> int:
@@ -50,7 +49,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import llmlab
-    from llmlab.sft.recipe import load_base
+    from llmlab.recipes.common import load_base
 
     target, tok = load_base(args.model)
     draft, _ = llmlab.load(args.draft)
@@ -99,9 +98,7 @@ def main() -> int:
         "draft_model": untrained,
         "num_tokens": max(ks),
     }
-    decoders = {
-        name: SpeculativeDecoder.create(llm, spec) if spec else None for name, spec in configs.items()
-    }
+    decoders = {name: llm.speculative_decoder(spec) if spec else None for name, spec in configs.items()}
 
     # Per-token cost of each proposer alone (batch-1 greedy decode rate; prefill excluded).
     prompt0 = llm.encode_prompt(heldout_prompts(1, heldout)[0])[1]

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from llmlab.model import MODEL_PRESETS, Transformer, flops_per_token
     from llmlab.train import TrainConfig, Trainer, build_optimizer
-    from llmlab.train.perf import measure_peak_tflops
+    from llmlab.train.perf import datasheet_peak_tflops, measure_peak_tflops
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
                 cpu_times[name].append(time.process_time() - c0)
 
     peak = measure_peak_tflops(device, torch.bfloat16)
+    sheet = datasheet_peak_tflops(device, torch.bfloat16)  # None on CPUs: no comparable published figure
     one_thread = device.type == "cpu" and torch.get_num_threads() == 1
     # The CPU-time figures divide by a peak timed on the same clock, so the fraction stays self-consistent.
     cpu_peak = measure_peak_tflops("cpu", torch.bfloat16, cpu_time=True) if one_thread else None
@@ -184,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_per_s": round(tps),
             "mfu": round(tps * fpt / (peak * 1e12), 4),
         }
+        if sheet:
+            result["sides"][name]["mfu_datasheet"] = round(tps * fpt / (sheet * 1e12), 4)
         if (
             cpu_peak is not None
         ):  # CPU time = time on the one core, whatever share of it the scheduler gave us
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"training throughput, {args.preset} ({result['params_M']}M params), batch {args.batch} x {args.seq}, "
         f"bf16 autocast, fused AdamW, {result['device']}, {result['threads']} threads; bf16 matmul peak measured {peak:.2f} TFLOP/s"
         + (f" (wall), {cpu_peak:.2f} (CPU time)" if cpu_peak is not None else "")
+        + (f"; datasheet peak {sheet:.0f} TFLOP/s" if sheet else "; no datasheet peak for this device")
     )
     for name, r in result["sides"].items():
         cpu = (
@@ -201,9 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
             if one_thread
             else ""
         )
+        sheet_mfu = f"  MFU(datasheet peak) {100 * r['mfu_datasheet']:5.1f}%" if "mfu_datasheet" in r else ""
         print(
             f"  {name:<13} {r['tokens_per_s']:>8,} tok/s   step {1000 * r['median_step_s']:7.1f} ms   "
-            f"MFU {100 * r['mfu']:5.1f}%{cpu}"
+            f"MFU(measured peak) {100 * r['mfu']:5.1f}%{sheet_mfu}{cpu}"
         )
     if "transformers" in result["sides"]:
         hf = result["sides"]["transformers"]["tokens_per_s"]

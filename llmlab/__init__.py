@@ -2,8 +2,13 @@
 
 Public entry points (imported lazily so ``import llmlab`` stays fast):
 
-- ``model, tokenizer = llmlab.load(path, adapter=None)``: llmlab checkpoint dir, HF dir or ``.gguf`` file.
+- ``model, tokenizer = llmlab.load(path, adapter=None)``: llmlab checkpoint dir, run dir, HF dir, ``.gguf`` file
+  or ``"smollm2"``.
 - ``llm = llmlab.LLM(path)``; ``llm.generate(prompts, llmlab.SamplingParams(...))``: the generation engine.
+- ``llmlab.evaluate(...)``: the evaluation harness (:mod:`llmlab.eval`).
+- ``llmlab.Trainer``, ``llmlab.TrainConfig``: the one training loop; ``llmlab.resolve_model_path(name)``.
+
+``dir(llmlab)`` lists exactly this public API (``__all__``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": "llmlab.loading",
+    "resolve_model_path": "llmlab.loading",
+    "evaluate": "llmlab.eval",
+    "Trainer": "llmlab.train",
+    "TrainConfig": "llmlab.train",
     "LLM": "llmlab.infer",
     "SamplingParams": "llmlab.infer",
     "Transformer": "llmlab.model",
@@ -29,4 +38,8 @@ _LAZY = {
 
 __getattr__ = lazy_exports("llmlab", _LAZY)
 
-__all__ = list(_LAZY)
+__all__ = sorted(["__version__", *_LAZY])
+
+
+def __dir__() -> list[str]:
+    return list(__all__)

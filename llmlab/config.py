@@ -10,7 +10,9 @@ Nested dataclasses are addressed with dots: ``model.n_layers=4``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -130,7 +132,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     unknown = [k for k in data if k not in types_]
     if unknown:
         known = ", ".join(sorted(types_))
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known keys: {known})")
+        hint = suggest(unknown[0], cls, prefix=prefix)
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'{hint} (known keys: {known})")
     kwargs = {k: coerce(v, types_[k], prefix + k) for k, v in data.items()}
     obj = cls(**kwargs)
     _validate(obj)
@@ -153,7 +156,8 @@ def set_key(obj: Any, dotted: str, raw: Any, prefix: str = "") -> None:
     types_ = _field_types(type(obj))
     if head not in types_:
         known = ", ".join(sorted(types_))
-        raise ConfigError(f"unknown config key '{prefix}{head}' (known keys: {known})")
+        hint = suggest(dotted, type(obj), prefix=prefix)
+        raise ConfigError(f"unknown config key '{prefix}{head}'{hint} (known keys: {known})")
     if rest:
         child = getattr(obj, head)
         if not dataclasses.is_dataclass(child):
@@ -163,26 +167,48 @@ def set_key(obj: Any, dotted: str, raw: Any, prefix: str = "") -> None:
     setattr(obj, head, coerce(raw, types_[head], prefix + head))
 
 
-def qualify_key(
-    cls: type,
-    key: str,
-    sections: dict[str, type] | None = None,
-    aliases: dict[str, str] | None = None,
-) -> str:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every settable key of ``cls``, nested sections dotted: ``["lr", "train.max_steps", ...]``."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        base, _ = _strip_optional(tp)
+        if dataclasses.is_dataclass(base):
+            keys += all_keys(base, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def suggest(key: str, cls: type, aliases: dict[str, str] | None = None, prefix: str = "") -> str:
+    """`` (did you mean 'train.max_steps'?)`` for the known key closest to ``key``, or ``""`` (``prefix``: where
+    ``cls`` sits in the whole config, e.g. ``"train."``)."""
+    known = all_keys(cls) + list(aliases or {})
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf and k != key]
+    close = by_leaf or difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if not close:  # a misspelt bare key: compare it with the last part of each key
+        leaves = {k.rsplit(".", 1)[-1]: k for k in known}
+        close = [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.7)]
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
+def qualify_key(cls: type, key: str, aliases: dict[str, str] | None = None) -> str:
     """A flat override key resolved for ``cls``: an alias (``lora_r`` -> ``lora.r``), a dotted or top-level
-    key as is, else the first nested section whose dataclass has the field (``max_steps`` ->
-    ``train.max_steps``). Unknown keys raise :class:`ConfigError` naming the key."""
+    key as is, else the one nested section whose dataclass has the field (``max_steps`` ->
+    ``train.max_steps``). An unknown key raises :class:`ConfigError` naming it and the closest known key; a
+    bare key two sections share asks for the dotted form."""
     aliases = aliases or {}
     if key in aliases:
         return aliases[key]
-    own = {f.name for f in dataclasses.fields(cls)}
-    if "." in key or key in own:
+    types_ = _field_types(cls)
+    if "." in key or key in types_:
         return key
-    for name, section in (sections or {}).items():
-        if key in {f.name for f in dataclasses.fields(section)}:
-            return f"{name}.{key}"
-    known = sorted(own | set(aliases))
-    raise ConfigError(f"unknown config key '{key}' (known: {', '.join(known)}, and train.* keys)")
+    owners = [k for k in all_keys(cls) if k.count(".") == 1 and k.split(".")[1] == key]
+    if len(owners) == 1:
+        return owners[0]
+    if len(owners) > 1:
+        raise ConfigError(f"config key '{key}' is ambiguous: use {' or '.join(repr(o) for o in owners)}")
+    raise ConfigError(f"unknown config key '{key}'{suggest(key, cls, aliases)}")
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
@@ -221,7 +247,8 @@ def _apply_mapping(obj: Any, data: dict[str, Any], source: str, prefix: str = ""
         types_ = _field_types(type(obj))
         if key not in types_:
             known = ", ".join(sorted(types_))
-            raise ConfigError(f"{source}: unknown config key '{prefix}{key}' (known keys: {known})")
+            hint = suggest(key, type(obj), prefix=prefix)
+            raise ConfigError(f"{source}: unknown config key '{prefix}{key}'{hint} (known keys: {known})")
         child = getattr(obj, key)
         if dataclasses.is_dataclass(child) and isinstance(value, dict):
             _apply_mapping(child, value, source, prefix=f"{prefix}{key}.")
@@ -238,8 +265,12 @@ def build_config(
     preset: str | None = None,
     yaml_path: str | Path | None = None,
     overrides: list[str] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> T:
-    """Preset, then YAML, then ``key=value`` overrides; validated at the end."""
+    """Preset, then YAML, then ``key=value`` overrides; validated at the end.
+
+    An override key may be bare when one nested section has it (``max_steps=5`` is ``train.max_steps=5``) or
+    an alias (``aliases``, e.g. ``{"lora_r": "lora.r"}``); see :func:`qualify_key`."""
     if preset is not None:
         if not presets or preset not in presets:
             names = ", ".join(sorted(presets or {}))
@@ -251,13 +282,12 @@ def build_config(
     if yaml_path is not None:
         _apply_mapping(cfg, load_yaml(yaml_path), str(yaml_path))
     for key, value in parse_overrides(overrides or []):
-        set_key(cfg, key, value)
+        set_key(cfg, qualify_key(cls, key, aliases), value)
     _validate_tree(cfg)
     return cfg
 
 
 def _deepcopy(obj: T) -> T:
-    import copy
 
     return copy.deepcopy(obj)
 

@@ -176,3 +176,18 @@ def test_errors_are_one_line(tmp_path, ckpt, capsys):
     assert "bad.jsonl:2:" in err and "identical" in err and len(err.strip().splitlines()) == 1
     assert main(["rm", "score", str(tmp_path / "nope"), "--prompt", "a", "--response", "b"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_align_writes_a_report_and_ends_like_every_training_verb(tmp_path, ckpt, capsys):
+    out = tmp_path / "dpo"
+    argv = ["align", "--base", ckpt, "--out", str(out), "max_pairs=40", "n_heldout=8", "max_len=96"]
+    assert main([*argv, "max_steps=1", "batch_size=4", *FAST]) == 0  # bare keys, as for sft and pretrain
+    report = json.loads((out / "align_report.json").read_text())
+    assert "val_loss" in report and report["pairs_train"] > 0
+    printed = capsys.readouterr().out
+    assert f"run:    {out}" in printed and f"report: {out / 'align_report.json'}" in printed
+    assert f"next:   llmlab chat {out}" in printed
+    # The same command again would write over that run: refused, until --overwrite says so.
+    assert main([*argv, "max_steps=1", "batch_size=4", *FAST]) == 2
+    assert "holds a previous run" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "max_steps=1", "batch_size=4", *FAST]) == 0

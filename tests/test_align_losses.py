@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmlab.align import losses as L
+from llmlab import losses as L
 
 trl = pytest.importorskip("trl")
 
@@ -251,8 +251,8 @@ def test_grpo_matches_trl_compute_loss(loss_type):
 
 
 def test_grpo_config_rejects_unknown_loss_type():
-    from llmlab.align.grpo import GRPOConfig
     from llmlab.errors import ConfigError
+    from llmlab.recipes.grpo import GRPOConfig
 
     with pytest.raises(ConfigError, match="loss_type"):
         GRPOConfig(loss_type="ppo").validate()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from _align_helpers import chat_tokenizer, tiny_model
 
-from llmlab.align import offline
 from llmlab.align.data import DataStats
-from llmlab.align.offline import AlignConfig, build_sources, cached_reference, make_offline_loss, run_offline
 from llmlab.model.lora import LoRAConfig, apply_lora
+from llmlab.recipes import dpo as offline
+from llmlab.recipes.dpo import AlignConfig, build_sources, cached_reference, make_offline_loss, run_offline
 from llmlab.train import TrainConfig
 
 

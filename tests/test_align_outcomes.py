@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _align_helpers import train_tiny_sft  # noqa: E402
 
 from llmlab.align import rollout as R  # noqa: E402
-from llmlab.train.config import TrainConfig, preference_train_config  # noqa: E402
+from llmlab.recipes.common import preference_train_config  # noqa: E402
+from llmlab.train.config import TrainConfig  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SFT_STEPS = int(os.environ.get("LLMLAB_ALIGN_SFT_STEPS", "400"))
@@ -66,7 +67,7 @@ def win_rate(sft, policy, tok, n_per_task: int = 50) -> dict:
 def dpo_outcome(sft, tok, out: Path, **overrides) -> dict:
     """The ``tiny-dpo`` preset (iterative DPO + RPO on the SFT model's own verifier-judged samples), with
     ``overrides`` of its top-level keys (e.g. ``rounds=1``, ``data="tasks"`` for the synthetic wrong answers)."""
-    from llmlab.align.offline import ALIGN_PRESETS, run_offline
+    from llmlab.recipes.dpo import ALIGN_PRESETS, run_offline
 
     policy = copy.deepcopy(sft)
     cfg = copy.deepcopy(ALIGN_PRESETS["tiny-dpo"])
@@ -88,7 +89,7 @@ def dpo_outcome(sft, tok, out: Path, **overrides) -> dict:
 
 def grpo_outcome(sft, tok, out: Path, source: str | None = None, temperature: float | None = None) -> dict:
     """The ``tiny-grpo`` preset on this SFT model (optionally another source / temperature)."""
-    from llmlab.align.grpo import GRPO_PRESETS, run_grpo
+    from llmlab.recipes.grpo import GRPO_PRESETS, run_grpo
 
     policy = copy.deepcopy(sft)
     cfg = copy.deepcopy(GRPO_PRESETS["tiny-grpo"])
@@ -112,8 +113,8 @@ def grpo_outcome(sft, tok, out: Path, source: str | None = None, temperature: fl
 
 
 def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
-    from llmlab.align.ppo import PPOConfig, run_ppo
-    from llmlab.align.reward_model import RMConfig, run_reward_model
+    from llmlab.recipes.ppo import PPOConfig, run_ppo
+    from llmlab.recipes.reward_model import RMConfig, run_reward_model
 
     rm_cfg = RMConfig(data=["tasks"], heldout=None, n_heldout=200, max_pairs=2000, max_len=128)
     rm_cfg.train = quiet(
@@ -162,7 +163,7 @@ def ppo_outcome(sft, tok, out: Path, lr: float = 5e-5, tag: str = "") -> dict:
 
 
 def hack_outcome(sft, tok, out: Path, lr: float = 5e-4, tag: str = "") -> dict:
-    from llmlab.align.ppo import PPOConfig, run_ppo
+    from llmlab.recipes.ppo import PPOConfig, run_ppo
 
     res = {}
     for beta in (0.0, 0.3):

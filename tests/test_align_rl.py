@@ -7,9 +7,9 @@ import torch
 from _align_helpers import chat_tokenizer, tiny_model
 
 from llmlab.align import rollout as R
-from llmlab.align.grpo import GRPOConfig, run_grpo
-from llmlab.align.ppo import ActorCritic, AdaptiveKLController, PPOConfig, run_ppo
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.recipes.grpo import GRPOConfig, run_grpo
+from llmlab.recipes.ppo import ActorCritic, AdaptiveKLController, PPOConfig, run_ppo
 
 
 @pytest.fixture(autouse=True)
@@ -129,7 +129,7 @@ def test_grpo_loss_types_hold_over_the_whole_batch_when_split(loss_type):
     """Each aggregation rule is over the whole rollout batch. The Trainer divides the summed ``loss_sum`` of
     all micro-batches by their summed ``weight``; micro-batches whose completions have different lengths
     must then give the gradient of one batch (dapo's token count is summed across micro-batches)."""
-    from llmlab.align.grpo import grpo_loss_fn
+    from llmlab.recipes.grpo import grpo_loss_fn
 
     tok = chat_tokenizer()
     g = torch.Generator().manual_seed(0)
@@ -195,7 +195,7 @@ def test_ppo_sampled_reward_score_is_paired_and_is_the_rollout_mean():
     """before/after_sampled_reward_score: the same weights give the same draws (so a change is the policy's),
     and the value is the mean reward of ``samples`` rollouts per held-out prompt."""
     from llmlab.align import rollout as R
-    from llmlab.align.ppo import make_scorer
+    from llmlab.recipes.ppo import make_scorer
 
     tok = chat_tokenizer()
     cfg = _guard_cfg(0, kl_stop=None)

@@ -13,12 +13,12 @@ from llmlab.align.reward_model import (
     check_same_tokenizer,
     evaluate_reward_model,
     load_reward_model,
-    make_rm_loss,
     plot_margins,
     save_reward_model,
     score_responses,
 )
 from llmlab.errors import CheckpointError
+from llmlab.recipes.reward_model import make_rm_loss
 from llmlab.train import TrainConfig, Trainer
 
 

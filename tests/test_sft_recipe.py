@@ -12,8 +12,8 @@ from llmlab.cli import main
 from llmlab.model import ModelConfig, Transformer
 from llmlab.model.checkpoint import load_checkpoint, save_checkpoint
 from llmlab.model.lora import apply_adapter
+from llmlab.recipes.sft import load_sft_config, run_sft
 from llmlab.sft.datasets import SFTBatchSource
-from llmlab.sft.recipe import load_sft_config, run_sft
 from llmlab.train.logging import read_metrics
 
 FAST = [
@@ -223,7 +223,7 @@ def test_forgetting_is_measured_on_the_bases_own_corpus(tmp_path):
     """``auto`` picks the corpus ``llmlab pretrain`` recorded in the base's config.json."""
     import json
 
-    from llmlab.sft.recipe import resolve_corpus
+    from llmlab.sft.forgetting import resolve_corpus
 
     base = tmp_path / "base"
     base.mkdir()
@@ -239,7 +239,7 @@ def test_forgetting_is_measured_on_the_bases_own_corpus(tmp_path):
 def test_dropout_override_reaches_every_site():
     """``dropout=0`` makes a base built with dropout deterministic in train mode; raising from 0 is refused."""
     from llmlab.errors import ConfigError
-    from llmlab.sft.recipe import set_dropout
+    from llmlab.recipes.common import set_dropout
 
     torch.manual_seed(0)
     model = Transformer(
@@ -263,7 +263,7 @@ def test_replay_kd_distills_replay_rows_to_the_base(base_dir, tmp_path):
     exactly 0 while the model is the base, and the run trains end to end (full and LoRA)."""
     from llmlab.data import tasks
     from llmlab.sft.datasets import Conversation, encode_conversations
-    from llmlab.sft.recipe import replay_kd_loss
+    from llmlab.sft.forgetting import replay_kd_loss
     from llmlab.train import causal_lm_loss
 
     base, tok = load_checkpoint(base_dir)

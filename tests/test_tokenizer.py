@@ -184,7 +184,10 @@ def test_cli_train_and_encode(tmp_path, capsys) -> None:
     assert Tokenizer.from_file(out).vocab_size == 400
     assert main(["tokenizer", "encode", "--tokenizer", str(out), "a <|eos|>"]) == 0
     assert '"<|eos|>"' in capsys.readouterr().out
-    assert main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "10", "--out", str(out)]) == 2
+    assert (
+        main(["tokenizer", "train", "--corpus", str(corpus), "--vocab-size", "10", "--out", str(out) + "-2"])
+        == 2
+    )
     assert "vocab_size must be at least" in capsys.readouterr().err
     assert (
         main(

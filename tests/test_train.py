@@ -546,7 +546,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_fused_chunked_cross_entropy_matches_plain(precision, masked):
-    from llmlab.train.fused_ce import fused_linear_cross_entropy
+    from llmlab.losses.fused_ce import fused_linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(70, 16, requires_grad=True)
@@ -578,7 +578,7 @@ def test_fused_chunked_cross_entropy_matches_plain(precision, masked):
 def test_logits_cross_entropy_matches_f_cross_entropy(dtype, compiled):
     """The compiled step's cross-entropy: same loss as F.cross_entropy(logits.float()), same gradient up to the
     logits' rounding, rows labelled -100 ignored and a non-unit upstream gradient honoured."""
-    from llmlab.train.fused_ce import logits_cross_entropy
+    from llmlab.losses.fused_ce import logits_cross_entropy
 
     torch.manual_seed(0)
     logits = (3 * torch.randn(37, 50)).to(dtype).requires_grad_()

@@ -1,8 +1,8 @@
 """``llmlab rm``, ``llmlab rm score``, ``llmlab align``, ``llmlab ppo``, ``llmlab grpo``.
 
-Each training command takes ``--preset``/``--config`` YAML/``key=value`` overrides (``train.max_steps=50``,
-``beta=0.2``) through :func:`llmlab.config.build_config`, and ``--out``. Import-light: torch and the runners
-load inside the handlers.
+Each training command takes ``--base`` (the policy; the config key ``model``), ``--preset``/``--config``
+YAML/``key=value`` overrides (``max_steps=50``, ``beta=0.2``; :mod:`llmlab.cliargs`) and ``--out`` (refused
+when it holds a run, unless ``--overwrite``). Import-light: torch and the runners load inside the handlers.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from llmlab.cliargs import add_base_argument, add_config_arguments, overrides_from
+from llmlab.outputs import add_output_argument, run_summary
 
 
 class _RMParser(argparse.ArgumentParser):
@@ -25,13 +28,10 @@ class _RMParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-def _common(p: argparse.ArgumentParser, presets: str) -> None:
-    p.add_argument("--preset", default=None, help=f"named config ({presets})")
-    p.add_argument("--config", default=None, help="YAML file of config keys applied over the preset")
-    p.add_argument("--out", required=True, help="run directory (metrics.jsonl, report, final/ or adapter/)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_steps=50"
-    )
+def _common(p: argparse.ArgumentParser, presets: str, report: str) -> None:
+    add_base_argument(p, "the policy to start from (the config key 'model'; also 'base=')")
+    add_config_arguments(p, presets)
+    add_output_argument(p, f"run directory: metrics.jsonl, {report}, final/ or adapter/")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "rm",
         help="train a reward model on preference pairs (or 'llmlab rm score RM_DIR ...' to score responses)",
         description=(
-            "Train a reward model: the Transformer of 'model=CKPT' plus a scalar head on the last token, with the "
+            "Train a reward model: the Transformer of '--base CKPT' plus a scalar head on the last token, with the "
             "Bradley-Terry loss. Data: 'data=[hh-rlhf]' (default), tasks, gsm8k-pairs (GSM8K TEST questions: do "
             "not report GSM8K-test after training on them) or a JSONL of {prompt, chosen, rejected[, margin]}. "
             "Reports held-out pairwise accuracy and writes reward_margins.png. "
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     subparsers._parser_class = default_class
-    _common(rm, "none yet; start from defaults")
+    _common(rm, "none yet; start from defaults", "rm_eval.json, reward_margins.png")
     rm.set_defaults(func=_rm_train)
     score = argparse.ArgumentParser(
         prog="llmlab rm score",
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "align",
         help="offline preference optimization: DPO, IPO, KTO, ORPO, SimPO (full or LoRA)",
         description=(
-            "Preference-optimize 'model=CKPT' on preference pairs (data=[tasks], hh-rlhf, gsm8k-pairs or a JSONL). "
+            "Preference-optimize '--base CKPT' on preference pairs (data=[tasks], hh-rlhf, gsm8k-pairs or a JSONL). "
             "The reference log-probs are computed once and cached; with use_lora=true the reference is the base "
             "with the adapter disabled. Presets: tiny-dpo, smollm2-dpo-lora."
         ),
@@ -80,20 +80,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     al.add_argument(
         "--skip-invalid", action="store_true", help="count and skip malformed pairs instead of stopping"
     )
-    _common(al, "tiny-dpo, smollm2-dpo-lora")
+    _common(al, "tiny-dpo, smollm2-dpo-lora", "align_report.json")
     al.set_defaults(func=_align)
 
     ppo = subparsers.add_parser(
         "ppo",
         help="PPO with a reward model (or verifier/proxy reward), KL penalty, GAE and a value head",
         description=(
-            "RLHF with PPO: 'model=SFT_CKPT reward_model=RM_DIR'. Per-token KL penalty kl_coef (adaptive_kl=true "
+            "RLHF with PPO: '--base SFT_CKPT reward_model=RM_DIR'. Per-token KL penalty kl_coef (adaptive_kl=true "
             "targets target_kl), GAE, clipped policy and value losses, ppo_epochs minibatch passes per rollout; "
             "stops (restoring the last good policy) when the KL passes kl_stop. reward=proxy is a deliberately "
             "length-biased reward for the reward-hacking demo."
         ),
     )
-    _common(ppo, "tiny-ppo")
+    _common(ppo, "tiny-ppo", "ppo_report.json")
     ppo.set_defaults(func=_ppo)
 
     grpo = subparsers.add_parser(
@@ -105,14 +105,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Reports held-out exact match before and after."
         ),
     )
-    _common(grpo, "tiny-grpo")
+    _common(grpo, "tiny-grpo", "grpo_report.json")
     grpo.set_defaults(func=_grpo)
 
 
-def _build(cls, presets, args, extra: list[str] | None = None):
+def _build(cls, presets, args, **flags):
     from llmlab.config import build_config
 
-    return build_config(cls, presets, args.preset, args.config, [*(extra or []), *args.overrides])
+    overrides = overrides_from(args, model=args.base, **flags)
+    return build_config(cls, presets, args.preset, args.config, overrides, {"base": "model"})
 
 
 def _print(metrics: dict, keys: tuple[str, ...] | None = None) -> None:
@@ -124,13 +125,18 @@ def _print(metrics: dict, keys: tuple[str, ...] | None = None) -> None:
     print(json.dumps(shown, indent=1, default=str))
 
 
+def _policy_artefact(cfg) -> str:
+    return "adapter/: the LoRA adapter" if cfg.use_lora else "final/: the policy"
+
+
 def _rm_train(args: argparse.Namespace) -> int:
-    from llmlab.align.reward_model import RMConfig, run_reward_model
+    from llmlab.recipes.reward_model import RMConfig, run_reward_model
 
     cfg = _build(RMConfig, {}, args)
     m = run_reward_model(cfg, args.out)
     _print(m, tuple(k for k in m if k.startswith("heldout_")) + ("loss",))
-    print(f"reward model in {args.out}/final; margin histogram in {args.out}/reward_margins.png")
+    next_cmd = f"llmlab ppo --base {cfg.model} reward_model={args.out}/final --out {args.out}-ppo"
+    print(run_summary(args.out, "final/: the reward model; reward_margins.png", "rm_eval.json", next_cmd))
     return 0
 
 
@@ -174,25 +180,26 @@ def _rm_score(args: argparse.Namespace) -> int:
 
 
 def _align(args: argparse.Namespace) -> int:
-    from llmlab.align.offline import ALIGN_PRESETS, AlignConfig, run_offline
+    from llmlab.recipes.dpo import ALIGN_PRESETS, REPORT_FILE, AlignConfig, run_offline
 
-    extra = [f"loss={args.loss}"] if args.loss else []
-    if args.skip_invalid:
-        extra.append("skip_invalid=true")
-    cfg = _build(AlignConfig, ALIGN_PRESETS, args, extra)
+    cfg = _build(
+        AlignConfig, ALIGN_PRESETS, args, loss=args.loss, skip_invalid="true" if args.skip_invalid else None
+    )
     m = run_offline(cfg, args.out)
     _print(
         m,
         tuple(k for k in m if k.startswith("val_"))
         + ("loss", "pairs_train", "skipped_invalid", "rounds_summary"),
     )
+    print(run_summary(args.out, _policy_artefact(cfg), REPORT_FILE, f"llmlab chat {args.out}"))
     return 0
 
 
 def _ppo(args: argparse.Namespace) -> int:
-    from llmlab.align.ppo import PPO_PRESETS, PPOConfig, run_ppo
+    from llmlab.recipes.ppo import PPO_PRESETS, PPOConfig, run_ppo
 
-    m = run_ppo(_build(PPOConfig, PPO_PRESETS, args), args.out)
+    cfg = _build(PPOConfig, PPO_PRESETS, args)
+    m = run_ppo(cfg, args.out)
     _print(
         m,
         tuple(
@@ -203,12 +210,15 @@ def _ppo(args: argparse.Namespace) -> int:
         )
         + ("mean_kl", "steps", "kl_stopped"),
     )
+    print(run_summary(args.out, _policy_artefact(cfg), "ppo_report.json", f"llmlab chat {args.out}"))
     return 0
 
 
 def _grpo(args: argparse.Namespace) -> int:
-    from llmlab.align.grpo import GRPO_PRESETS, GRPOConfig, run_grpo
+    from llmlab.recipes.grpo import GRPO_PRESETS, GRPOConfig, run_grpo
 
-    m = run_grpo(_build(GRPOConfig, GRPO_PRESETS, args), args.out)
+    cfg = _build(GRPOConfig, GRPO_PRESETS, args)
+    m = run_grpo(cfg, args.out)
     _print(m, tuple(k for k in m if k.startswith(("before_exact", "after_exact"))) + ("reward_mean", "kl"))
+    print(run_summary(args.out, _policy_artefact(cfg), "grpo_report.json", f"llmlab chat {args.out}"))
     return 0

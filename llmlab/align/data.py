@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmlab.data import tasks
 from llmlab.errors import DataError
 from llmlab.sft.chat import IGNORE_INDEX, tokenize_chat, validate_messages
 from llmlab.sft.datasets import read_records
@@ -183,7 +184,6 @@ def load_pairs(
 
 def _task_pairs(limit: int | None) -> list[PreferencePair]:
     """The task suite's preference pairs: the verifier's answer vs a wrong or badly formatted one."""
-    from llmlab.data import tasks
 
     pairs = tasks.make_preference_pairs(n=limit or 2000, seed=0)
     return [

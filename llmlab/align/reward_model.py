@@ -4,7 +4,8 @@
 one extra ``score`` linear layer, so it saves and loads as an ordinary llmlab checkpoint whose
 ``model.safetensors`` also holds ``score.weight``/``score.bias`` and whose ``config.json`` carries a
 ``"reward_model"`` entry. It is trained with the Bradley-Terry loss on preference pairs
-(:func:`llmlab.align.losses.bradley_terry_loss`) through the shared trainer.
+(:func:`llmlab.losses.bradley_terry_loss`) through the shared trainer by ``llmlab rm``
+(:mod:`llmlab.recipes.reward_model`). This module is the model itself: saving, loading, scoring, evaluation.
 """
 
 from __future__ import annotations
@@ -18,14 +19,19 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.align.data import Encoded, PairSource, encode_response, pad_sequences
-from llmlab.align.losses import bradley_terry_loss
-from llmlab.align.rollout import OnPolicyConfig
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_into,
+    load_state_dict,
+    read_config,
+    save_checkpoint,
+)
 from llmlab.model.config import ModelConfig
 from llmlab.model.transformer import Transformer
-from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.tokenizer import TOKENIZER_FILE, Tokenizer
 from llmlab.train.distributed import model_device
-from llmlab.train.logging import write_report
 
 RM_KEY = "reward_model"
 
@@ -64,7 +70,6 @@ class RewardModel(Transformer):
 def save_reward_model(
     directory: str | Path, rm: RewardModel, tokenizer: Any, extra: dict | None = None
 ) -> Path:
-    from llmlab.model.checkpoint import save_checkpoint
 
     return save_checkpoint(
         directory, rm, tokenizer, extra_config={RM_KEY: {"head": "score", **(extra or {})}}
@@ -73,8 +78,6 @@ def save_reward_model(
 
 def load_reward_model(directory: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Any]:
     """Load a reward-model checkpoint written by :func:`save_reward_model` or by ``llmlab rm``."""
-    from llmlab.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_into, load_state_dict, read_config
-    from llmlab.tokenizer import TOKENIZER_FILE, Tokenizer
 
     directory = Path(directory)
     config = read_config(directory)
@@ -120,24 +123,7 @@ class RewardPairSource(PairSource):
         return batch
 
 
-def make_rm_loss(use_margin: bool = False):
-    """Bradley-Terry loss over a :class:`RewardPairSource` batch (per-pair sum, weight = pairs)."""
-
-    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> Any:
-        from llmlab.train import LossOutput
-
-        r = _rewards(model, batch)
-        B = r.shape[0] // 2
-        rc, rr = r[:B], r[B:]
-        losses = bradley_terry_loss(rc, rr, batch["margin"] if use_margin else None)
-        diff = (rc - rr).detach()
-        metrics = {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean())}
-        return LossOutput(losses.sum(), float(B), metrics)
-
-    return loss_fn
-
-
-def _rewards(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def rewards_of(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     inner = getattr(model, "module", model)  # DDP
     inner = getattr(inner, "_orig_mod", inner)  # torch.compile
     device = model_device(inner)  # batches are built on the CPU; the Trainer may have moved the model
@@ -167,7 +153,7 @@ def evaluate_reward_model(rm: nn.Module, source: RewardPairSource, batch_size: i
     rm.eval()
     margins: list[float] = []
     for batch in source.iterate(batch_size):
-        r = _rewards(rm, batch)
+        r = rewards_of(rm, batch)
         B = r.shape[0] // 2
         margins += (r[:B] - r[B:]).tolist()
     rm.train(was)
@@ -177,7 +163,7 @@ def evaluate_reward_model(rm: nn.Module, source: RewardPairSource, batch_size: i
 
 def plot_margins(margins: Sequence[float], path: str | Path, title: str = "held-out reward margins") -> Path:
     """Histogram of ``r_chosen − r_rejected`` (right of 0 = ranked correctly)."""
-    import matplotlib
+    import matplotlib  # optional: only the margin plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,94 +221,6 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], pad_id: int, batch_s
     for s in range(0, len(encs), batch_size):
         chunk = [Encoded(e.prompt, e.response + [pad_id]) for e in encs[s : s + batch_size]]
         batch = pad_sequences(chunk, pad_id)
-        out += _rewards(rm, batch).tolist()
+        out += rewards_of(rm, batch).tolist()
     rm.train(was)
     return out
-
-
-# ------------------------------------------------------------------------------------------ runner
-@dataclass
-class RMConfig:
-    """``llmlab rm`` settings: start from ``model`` (usually the SFT checkpoint), train a scalar head and the
-    trunk with the Bradley-Terry loss, report held-out accuracy and the margin distribution."""
-
-    model: str = ""
-    data: list[str] = field(default_factory=lambda: ["hh-rlhf"])
-    heldout: str | None = "hh-rlhf-heldout"  # None: split n_heldout pairs off the data
-    n_heldout: int = 312
-    max_pairs: int | None = None
-    max_len: int = 256
-    use_margin: bool = False  # use each pair's "margin" field in the loss
-    # "onpolicy:SOURCE" data: pairs sampled from the starting (SFT) model, judged by the verifier
-    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
-    skip_invalid: bool = False
-    eval_batch_size: int = 16
-    train: TrainConfig = field(
-        default_factory=lambda: preference_train_config(
-            lr=1e-5, min_lr=1e-6, warmup_steps=10, max_steps=200, batch_size=8, eval_every=50, log_every=10
-        )
-    )
-
-    def validate(self) -> None:
-        if not self.data:
-            raise ConfigError("config key 'data' needs at least one preference source")
-        if self.max_len < 8:
-            raise ConfigError(f"config key 'max_len' must be >= 8, got {self.max_len}")
-
-
-def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict[str, Any]:
-    """Train a reward model; writes ``OUT/final`` (a reward-model checkpoint), ``reward_margins.png`` and
-    ``rm_eval.json``. Returns the final metrics."""
-    from llmlab.align.data import DataStats, encode_pairs, load_pairs, split_pairs
-    from llmlab.align.offline import load_policy
-    from llmlab.align.rollout import gather_pairs
-    from llmlab.train import Trainer
-
-    cfg.validate()
-    out = Path(out_dir)
-    if model is None:
-        model, tokenizer = load_policy(cfg.model, cfg.train.device)
-    stats = DataStats()
-    # On-policy sources sample the causal LM before it becomes the reward model's trunk.
-    policy = None if isinstance(model, RewardModel) else model
-    pairs = gather_pairs(
-        cfg.data, policy, tokenizer, stats, cfg.skip_invalid, cfg.max_pairs, cfg.onpolicy, cfg.train.seed
-    )
-    rm = model if isinstance(model, RewardModel) else RewardModel.from_backbone(model)
-    if cfg.heldout is not None:
-        train_pairs, held_pairs = pairs, load_pairs(cfg.heldout, cfg.skip_invalid, stats, cfg.n_heldout)
-    else:
-        train_pairs, held_pairs = split_pairs(pairs, min(cfg.n_heldout, len(pairs) // 5), seed=cfg.train.seed)
-    pad = tokenizer.pad_id
-    train_src = RewardPairSource(
-        encode_pairs(tokenizer, train_pairs, cfg.max_len, cfg.skip_invalid, stats),
-        cfg.train.batch_size,
-        pad,
-        seed=cfg.train.seed,
-    )
-    held_src = RewardPairSource(
-        encode_pairs(tokenizer, held_pairs, cfg.max_len, cfg.skip_invalid, stats), cfg.train.batch_size, pad
-    )
-    trainer = Trainer(
-        rm,
-        cfg.train,
-        train_src,
-        loss_fn=make_rm_loss(cfg.use_margin),
-        eval_fn=lambda m: evaluate_reward_model(m, held_src, cfg.eval_batch_size).summary(),
-        tokenizer=tokenizer,
-        out_dir=out,
-        extra_config={RM_KEY: {"head": "score"}},
-    )
-    metrics = trainer.fit()
-    ev = evaluate_reward_model(rm, held_src, cfg.eval_batch_size)
-    plot_margins(ev.margins, out / "reward_margins.png")
-    report = {
-        **ev.summary(),
-        "pairs_train": len(train_src.pairs),
-        "pairs_heldout": len(held_src.pairs),
-        "skipped_invalid": stats.skipped_invalid,
-        "truncated": stats.truncated,
-        "contaminates": sorted({p.contaminates for p in pairs if p.contaminates}),
-    }
-    write_report(out / "rm_eval.json", report)
-    return {**metrics, **{f"heldout_{k}": v for k, v in report.items()}}

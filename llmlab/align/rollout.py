@@ -24,9 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmlab.align.data import ASSETS, Encoded, pad_sequences
-from llmlab.align.losses import token_logps
+from llmlab.align.data import ASSETS, Encoded, load_pairs, pad_sequences, record_to_pair
+from llmlab.data import tasks as suite
 from llmlab.errors import ConfigError, DataError
+from llmlab.infer import LLM
+from llmlab.infer.sampling import SamplingParams
+from llmlab.losses.tokens import token_logps
+from llmlab.sft.chat import prompt_ids
 from llmlab.train.distributed import model_device
 
 MATH_FILES = {
@@ -66,8 +70,6 @@ def load_problems(source: str, split: str, n: int | None = None, seed: int = 0) 
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
     name, _, sub = source.partition(":")
     if name == "tasks":
-        from llmlab.data import tasks as suite
-
         names = [t for t in sub.split(",") if t] or None
         if split == "train":
             recs = suite.make_sft_examples(n or 2000, seed=seed, tasks=names)
@@ -99,8 +101,6 @@ def _num(text: str) -> float | None:
 def score_completion(problem: Problem, completion: str) -> tuple[bool, bool]:
     """``(correct, format_ok)`` of a completion, by the problem's verifier."""
     if problem.record.get("task") and problem.task == problem.record["task"]:
-        from llmlab.data import tasks as suite
-
         s = suite.score(problem.task, problem.record, completion)
         return bool(s["correct"]), bool(s["format_ok"])
     m = _ANSWER.search(completion)
@@ -124,7 +124,6 @@ def verifier_reward(
 
 # ----------------------------------------------------------------------------------------- rollouts
 def prompt_token_ids(tokenizer: Any, problem: Problem) -> list[int]:
-    from llmlab.sft.chat import prompt_ids
 
     return prompt_ids(tokenizer, problem.prompt)
 
@@ -136,7 +135,6 @@ def make_engine(model: nn.Module, tokenizer: Any, max_batch_size: int = 64):
     log-probs of the *old* weights (0.03 nats off after 3 AdamW steps), which silently turns on-policy RL
     off-policy. Building one is cheap next to a rollout.
     """
-    from llmlab.infer.engine import LLM
 
     return LLM.from_model(model, tokenizer, max_batch_size=max_batch_size)
 
@@ -153,7 +151,6 @@ def generate(
 ) -> list[Any]:
     """Sample one completion per prompt from the live policy (token-id prompts; per-request seeds make a run
     reproducible), through a fresh engine (see :func:`make_engine`)."""
-    from llmlab.infer.sampling import SamplingParams
 
     params = [
         SamplingParams(
@@ -335,7 +332,6 @@ def gather_pairs(
 ) -> list[Any]:
     """Preference pairs of every source: a file or named source (:func:`llmlab.align.data.load_pairs`), or
     ``onpolicy:SOURCE`` sampled from ``model`` and judged by the verifier (:func:`verifier_pairs`)."""
-    from llmlab.align.data import load_pairs, record_to_pair
 
     onpolicy = onpolicy or OnPolicyConfig()
     out = []

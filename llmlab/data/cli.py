@@ -7,6 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from llmlab.cliargs import add_override_arguments, overrides_from
+from llmlab.outputs import add_output_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="corpora, cleaning and token shards", description=__doc__)
@@ -27,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (or tokenizer.json)")
-    p.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    add_output_argument(p, "output directory: train.bin, val.bin, meta.json, tokenizer/")
     p.add_argument(
         "--val-fraction", type=float, default=0.1, help="share held out for validation (default 0.1)"
     )
@@ -48,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         epilog=epilog,
     )
     _corpus_args(p)
-    p.add_argument("--out", help="write kept documents to this .jsonl file ({'text': ...} per line)")
+    add_output_argument(
+        p, "write kept documents to this .jsonl file ({'text': ...} per line)", required=False, kind="file"
+    )
     p.add_argument("--report", help="write the cleaning report to this JSON file")
     p.set_defaults(func=_clean)
 
@@ -64,7 +69,7 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-clean", action="store_true", help="skip the cleaning stage")
     p.add_argument("--clean-preset", default="default", help="cleaning preset: default, light or none")
     p.add_argument("--clean-config", help="YAML file of cleaning settings")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="cleaning setting overrides")
+    add_override_arguments(p, "cleaning setting overrides key=value, e.g. min_words=20")
 
 
 def _clean_config(args: argparse.Namespace):
@@ -73,7 +78,9 @@ def _clean_config(args: argparse.Namespace):
 
     if args.no_clean:
         return None
-    return build_config(CleanConfig, CLEAN_PRESETS, args.clean_preset, args.clean_config, args.overrides)
+    return build_config(
+        CleanConfig, CLEAN_PRESETS, args.clean_preset, args.clean_config, overrides_from(args)
+    )
 
 
 def _chunk_chars(args: argparse.Namespace) -> int:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from llmlab.cliargs import add_base_argument, add_config_arguments, overrides_from
+from llmlab.outputs import add_output_argument, run_summary
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -23,28 +26,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "YAML, then key=value overrides such as max_steps=100 student_layers=0,1 temperature=2 alpha=0.1."
         ),
     )
-    p.add_argument("--teacher", default=None, help="llmlab checkpoint dir, HF dir, .gguf file or 'smollm2'")
-    p.add_argument(
-        "--out", required=True, help="run directory: final/ (the student), logs, distill_report.json"
-    )
-    p.add_argument("--preset", default="smollm2-draft", help="named config (default: smollm2-draft)")
-    p.add_argument("--config", default=None, help="YAML file of config keys applied over the preset")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_base_argument(p, "the teacher (default: smollm2)", "--teacher")
+    add_output_argument(p, "run directory: final/ (the student), logs, distill_report.json", resume=True)
+    add_config_arguments(p, "smollm2-draft", default_preset="smollm2-draft")
     p.set_defaults(func=_distill)
 
 
 def _distill(args: argparse.Namespace) -> int:
+    # torch and the trainer load here, not at import: `llmlab --help` stays instant.
+    from llmlab.recipes.distill import format_distill_report, load_distill_config, run_distill
     from llmlab.train.threads import configure_cpu_threads
 
     configure_cpu_threads()
-    from llmlab.distill.recipe import format_report, load_distill_config, run_distill
-
-    overrides = list(args.overrides)
-    if args.teacher is not None:
-        overrides.append(f"teacher={args.teacher}")
-    cfg = load_distill_config(args.preset, args.config, overrides)
+    cfg = load_distill_config(args.preset, args.config, overrides_from(args, teacher=args.base))
     report = run_distill(cfg, args.out, resume=args.resume)
-    print(format_report(report))
-    print(f"done: the student in {args.out}/final, report in {args.out}/distill_report.json")
+    print(format_distill_report(report))
+    next_cmd = (
+        f"llmlab generate {cfg.teacher} --speculative draft --draft-model {args.out}/final "
+        '--prompt "Explain photosynthesis." --max-tokens 64'
+    )
+    print(run_summary(args.out, "final/: the student", "distill_report.json", next_cmd))
     return 0

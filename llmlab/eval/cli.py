@@ -13,13 +13,13 @@ import json
 from typing import Any
 
 # Modules with a ``register_eval(subparsers)`` function, in the order ``llmlab eval --help`` lists them.
-EVAL_MODULES: list[str] = ["llmlab.eval.cli"]
+EVAL_MODULES: list[str] = ["llmlab.eval.cli", "llmlab.eval.run_cli"]
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="evaluate a model (perplexity, ...)",
+        help="evaluate a model (benchmark tasks, win rates, perplexity)",
         description="Evaluate a model. Run 'llmlab eval COMMAND --help' for the options of each evaluation.",
     )
     sub = parser.add_subparsers(dest="eval_command", metavar="COMMAND")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from llmlab.lazy import lazy_exports
 
 _LAZY = {
-    "LLM": "llmlab.infer.engine",
-    "RequestOutput": "llmlab.infer.engine",
+    "LLM": "llmlab.infer.llm",
+    "RequestOutput": "llmlab.infer.output",
     "PagedKVCache": "llmlab.infer.paged_cache",
     "SamplingParams": "llmlab.infer.sampling",
 }

@@ -19,6 +19,14 @@ then differ slightly from the model's; the benchmark reports how many greedy tok
 so a Q4_1 checkpoint loses little more than its bf16 scales: 0.3% relative error on SmolLM2's layers, vs 0.8%
 for int8) through ``torch._weight_int4pack_mm_for_cpu``; the LM head stays int8.
 
+**Quantized checkpoints** (``llmlab quantize`` output, loaded by ``llmlab.load``) run on the same kernels
+from their own codes: ``Int8Linear`` rows and scales become the int8 weight, ``Int4Linear`` codes are
+packed for the int4 kernel with the checkpoint's group size and zero points (``(q - 8) * s + bias_g``, as
+``Int4Linear``'s own kernel). Fused q/k/v and gate/up are concatenated codes. The float LM head is stored
+int8, as with ``weights="int8"/"int4"``. A layer with no kernel here (NF4, mixed schemes) is dequantized to
+float once; a requested format other than the checkpoint's keeps the checkpoint's codes (re-quantizing would
+add error). Both warn once.
+
 It covers the families llmlab loads (RMSNorm/LayerNorm, SwiGLU/GELU, RoPE/learned/no positions, biases);
 anything else (ALiBi, LoRA-wrapped projections, training mode) falls back to the model's own forward. The
 tests check it is token-identical to ``Transformer.forward``.
@@ -26,6 +34,7 @@ tests check it is token-identical to ``Transformer.forward``.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.model.transformer import KVCacheProtocol, RMSNorm, Transformer, activation_fn
+from llmlab.quant.common import QuantLinear
+from llmlab.quant.int4 import Int4Linear
+from llmlab.quant.int8 import Int8Linear
 
 WEIGHT_FORMATS = ("same", "int8", "int4")
 INT4_GROUP = 32
-# A float weight, (int8 weight, per-row bf16 scales), or (packed int4 weight, bf16 scales+zeros, out features).
-Weight = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, int]
+# A float weight, (int8 weight, per-row bf16 scales), or (packed int4 weight, bf16 scales+zeros, out features,
+# group size).
+Weight = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, Tensor, int, int]
 
 
 @dataclass
@@ -62,7 +75,9 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scale.to(torch.bfloat16)
 
 
-def quantize_int4(w: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, int] | tuple[Tensor, Tensor]:
+def quantize_int4(
+    w: Tensor, group: int = INT4_GROUP
+) -> tuple[Tensor, Tensor, int, int] | tuple[Tensor, Tensor]:
     """Asymmetric int4 in groups of ``group`` inputs (the layout of GGUF's Q4_1): ``w ≈ (q - 8) * s + z``.
 
     Packed for ``torch._weight_int4pack_mm_for_cpu``; scales/zeros are ``[in/group, out, 2]`` bf16.
@@ -77,11 +92,15 @@ def quantize_int4(w: Tensor, group: int = INT4_GROUP) -> tuple[Tensor, Tensor, i
     q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(n, k)
     zero = lo + 8 * scale
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()
-    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros, n
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros, n, group
 
 
-def linear(x: Tensor, w: Weight, b: Tensor | None = None) -> Tensor:
-    """``F.linear`` over a float, an int8 or an int4 weight (see :func:`quantize_int8` / :func:`quantize_int4`)."""
+def linear(x: Tensor, w: Weight, b: Tensor | None = None, cast: bool = True) -> Tensor:
+    """``F.linear`` over a float, an int8 or an int4 weight (see :func:`quantize_int8` / :func:`quantize_int4`).
+
+    The low-bit kernels return bf16; ``cast=False`` leaves it so for a caller that adds the result to an
+    fp32 tensor (the residual stream): the add promotes it exactly, one op fewer per projection.
+    """
     if isinstance(w, Tensor):
         return F.linear(x, w, b)
     x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
@@ -89,10 +108,56 @@ def linear(x: Tensor, w: Weight, b: Tensor | None = None) -> Tensor:
         q, scale = w
         y, n = torch._weight_int8pack_mm(x2, q, scale), q.shape[0]
     else:
-        packed, scales_zeros, n = w
-        y = torch._weight_int4pack_mm_for_cpu(x2, packed, INT4_GROUP, scales_zeros)
-    y = y.to(x.dtype).view(*x.shape[:-1], n)
+        packed, scales_zeros, n, group = w
+        y = torch._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros)
+    y = (y.to(x.dtype) if cast else y).view(*x.shape[:-1], n)
     return y if b is None else y + b
+
+
+def quantized_scheme(model: nn.Module) -> str | None:
+    """``"int8"``/``"int4"`` when the model's linears are quantized with one kernel scheme, ``"mixed"`` for
+    anything else quantized (NF4, several schemes), None for a float model."""
+    kinds = {type(m) for m in model.modules() if isinstance(m, QuantLinear)}
+    if not kinds:
+        return None
+    if kinds == {Int8Linear}:
+        return "int8"
+    if kinds == {Int4Linear}:
+        return "int4"
+    return "mixed"
+
+
+def _int4_scales_zeros(m: Int4Linear) -> Tensor:
+    """The int4 kernel's ``[K/g, N, 2]`` (scale, bias_g) for an ``Int4Linear``: the kernel computes
+    ``(q - 8) * scale + bias_g``, so ``bias_g = (8 - zero) * scale`` (or ``8 * scale + offset`` for Q4_1-style
+    float zeros), as in ``Int4Linear``'s own forward."""
+    scale = m.scales.float()
+    bias_g = 8 * scale + m.offsets.float() if m.float_zero else (8 - m.zeros.float()) * scale
+    return torch.stack([scale.t(), bias_g.t()], dim=-1).to(torch.bfloat16)
+
+
+def _fuse(mods: list[nn.Module], weights: str) -> Weight:
+    """One (possibly quantized) weight for the row-wise concatenation of ``mods``' weights."""
+    if all(type(m) is Int8Linear for m in mods):
+        q = torch.cat([m.qweight for m in mods], dim=0).contiguous()
+        return q, torch.cat([m.scales for m in mods]).to(torch.bfloat16)
+    groups = {getattr(m, "group_size", None) for m in mods}
+    if all(type(m) is Int4Linear for m in mods) and len(groups) == 1:
+        n = sum(m.out_features for m in mods)
+        if n % 16 == 0:
+            codes = torch.cat([m.codes() for m in mods], dim=0).to(torch.int32)
+            scales_zeros = torch.cat([_int4_scales_zeros(m) for m in mods], dim=1)
+            return (
+                torch._convert_weight_to_int4pack_for_cpu(codes, 1),
+                scales_zeros.contiguous(),
+                n,
+                groups.pop(),
+            )
+    ws = [m.dequantize(torch.float32) if isinstance(m, QuantLinear) else m.weight.detach() for m in mods]
+    w = ws[0] if len(ws) == 1 else torch.cat(ws)
+    if weights == "int8" or (weights == "int4" and any(isinstance(m, QuantLinear) for m in mods)):
+        return quantize_int8(w)  # a dequantized layer keeps ~int8 precision rather than losing more
+    return quantize_int4(w) if weights == "int4" else w
 
 
 def _supported(model: nn.Module) -> bool:
@@ -106,7 +171,7 @@ def _supported(model: nn.Module) -> bool:
             layer.self_attn.o_proj,
         ]
         mods += [layer.mlp.up_proj, layer.mlp.down_proj] + ([layer.mlp.gate_proj] if layer.mlp.gated else [])
-        if any(type(m) is not nn.Linear for m in mods):
+        if any(type(m) is not nn.Linear and not isinstance(m, QuantLinear) for m in mods):
             return False
         if any(
             type(n) not in (RMSNorm, nn.LayerNorm)
@@ -128,13 +193,43 @@ class FastDecoder:
         self.weights = weights
         self.cfg = model.cfg
         self._params: list[nn.Parameter] | None = None
+        self._verified = False  # the full staleness check passed since the last recheck()
         self._versions: list[tuple[int, int]] = []
         self._modules: list[tuple[nn.Module, str, nn.Module]] = []
         self.layers: list[_Layer] = []
 
     @classmethod
     def create(cls, model: nn.Module, weights: str = "same") -> FastDecoder | None:
-        return cls(model, weights) if _supported(model) else None
+        """A fast path for ``model``, or None (with a warning when the model is quantized or a quantized
+        format was asked for: those are the cases where falling back costs a lot of speed)."""
+        from llmlab.errors import LLMLabError
+
+        if weights not in WEIGHT_FORMATS:
+            raise LLMLabError(f"fast-path weights must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
+        scheme = quantized_scheme(model)
+        if not _supported(model):
+            if scheme is not None or weights != "same":
+                warnings.warn(
+                    "this model cannot take the fast decode path (ALiBi, LoRA-wrapped or custom layers): "
+                    f"fast={weights!r} is ignored and decoding runs the model's own, slower forward",
+                    stacklevel=3,
+                )
+            return None
+        if scheme == "mixed":
+            warnings.warn(
+                "this checkpoint's quantized layers have no fast kernel (NF4 or mixed schemes): the fast "
+                "path runs them dequantized",
+                stacklevel=3,
+            )
+        elif scheme is not None and weights not in ("same", scheme):
+            warnings.warn(
+                f"the checkpoint is already {scheme}-quantized: fast={weights!r} keeps its {scheme} codes "
+                "(re-quantizing would add error)",
+                stacklevel=3,
+            )
+        if scheme in ("int8", "int4"):
+            weights = scheme  # the checkpoint's codes on the kernels, and an int8 LM head
+        return cls(model, weights)
 
     # ------------------------------------------------------------------------------- weights
     def _fresh(self, model: nn.Module) -> bool:
@@ -143,22 +238,32 @@ class FastDecoder:
         step or ``load_state_dict`` bumps the version; ``.to(dtype)`` swaps the storage)."""
         if self._params is None or model.cfg is not self.cfg:
             return False
-        if any(getattr(parent, name) is not mod for parent, name, mod in self._modules):
+        # ``_modules`` lookups, not nn.Module.__getattr__: this runs before every forward (~300 children).
+        if any(parent._modules.get(name) is not mod for parent, name, mod in self._modules):
             return False
         return all((p._version, p.data_ptr()) == v for p, v in zip(self._params, self._versions, strict=True))
 
     def invalidate(self) -> None:
         """Forget the fused weights; the next forward rebuilds them from the model's parameters."""
         self._params = None
+        self._verified = False
+
+    def recheck(self) -> None:
+        """Run the full staleness check at the next forward (the engine calls this when a new batch of
+        work starts; within a batch only the cheap checks run: the full one walks every parameter)."""
+        self._verified = False
 
     def usable(self, model: nn.Module) -> bool:
         """True when the fused weights match the model (rebuilding them if its parameters changed)."""
         if model.training:
             return False
+        if self._verified and model.cfg is self.cfg:
+            return True
         if not self._fresh(model):
             if not _supported(model):
                 return False
             self._build(model)
+        self._verified = True
         return True
 
     @torch.no_grad()
@@ -171,34 +276,37 @@ class FastDecoder:
         def cat(*ts: Tensor | None) -> Tensor | None:
             return None if ts[0] is None else torch.cat([t.detach() for t in ts], dim=0)
 
+        def bias(m: nn.Module) -> Tensor | None:
+            b = getattr(m, "bias", None)
+            return None if b is None else b.detach().float() if isinstance(m, QuantLinear) else b
+
         self.layers = []
         for layer in model.layers:
             a, m = layer.self_attn, layer.mlp
-            up = (m.gate_proj, m.up_proj) if m.gated else (m.up_proj,)
+            up = [m.gate_proj, m.up_proj] if m.gated else [m.up_proj]
             self.layers.append(
                 _Layer(
                     norm1=norm(layer.input_layernorm),
-                    qkv_w=cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight),
-                    qkv_b=cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                    o_w=a.o_proj.weight.detach(),
-                    o_b=a.o_proj.bias,
+                    qkv_w=_fuse([a.q_proj, a.k_proj, a.v_proj], self.weights),
+                    qkv_b=cat(*(bias(p) for p in (a.q_proj, a.k_proj, a.v_proj))),
+                    o_w=_fuse([a.o_proj], self.weights),
+                    o_b=bias(a.o_proj),
                     norm2=norm(layer.post_attention_layernorm),
-                    up_w=cat(*(p.weight for p in up)) if m.gated else m.up_proj.weight.detach(),
-                    up_b=cat(*(p.bias for p in up)) if m.gated else m.up_proj.bias,
-                    down_w=m.down_proj.weight.detach(),
-                    down_b=m.down_proj.bias,
+                    up_w=_fuse(up, self.weights),
+                    up_b=cat(*(bias(p) for p in up)),
+                    down_w=_fuse([m.down_proj], self.weights),
+                    down_b=bias(m.down_proj),
                 )
             )
         self.final_norm = norm(model.norm)
-        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        self.head: Weight = head.detach()
-        if self.weights in ("int8", "int4"):
-            quant = quantize_int8 if self.weights == "int8" else quantize_int4
-            for L in self.layers:
-                L.qkv_w, L.o_w, L.up_w, L.down_w = (quant(w) for w in (L.qkv_w, L.o_w, L.up_w, L.down_w))
+        head_mod = model.embed_tokens if model.lm_head is None else model.lm_head
+        if isinstance(head_mod, QuantLinear):
+            self.head: Weight = _fuse([head_mod], "int8" if self.weights != "same" else "same")
+        else:
+            head = head_mod.weight.detach()
             # The LM head stays int8 even in int4 mode: its errors move the argmax directly, and checkpoints
             # keep it at higher precision (SmolLM2's Q4_1 GGUF stores it as Q8_0: int4 would cost 10%).
-            self.head = quantize_int8(head)
+            self.head = quantize_int8(head) if self.weights in ("int8", "int4") else head
         self._modules = [
             (parent, name, getattr(parent, name))
             for layer in model.layers
@@ -212,8 +320,8 @@ class FastDecoder:
         w, b = wb
         if self.cfg.norm == "rmsnorm":
             # As RMSNorm.forward: normalize in fp32, cast back, then scale.
-            if x.dtype == torch.float32:
-                return w * F.rms_norm(x, (x.shape[-1],), eps=self.cfg.norm_eps)
+            if x.dtype == torch.float32:  # the weight inside rms_norm: the same product, one op fewer
+                return F.rms_norm(x, (x.shape[-1],), w, eps=self.cfg.norm_eps)
             return w.to(x.dtype) * F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.norm_eps).to(x.dtype)
         return F.layer_norm(x, (x.shape[-1],), w, b, self.cfg.norm_eps)
 
@@ -249,7 +357,7 @@ class FastDecoder:
             q, k = qk[:, :H], qk[:, H:]
             k, v = cache.update(i, k, v)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-            x = x + linear(o.transpose(1, 2).reshape(B, T, H * hd), L.o_w, L.o_b)
+            x = x + linear(o.transpose(1, 2).reshape(B, T, H * hd), L.o_w, L.o_b, cast=False)
             h = self._norm(x, L.norm2)
             u = linear(h, L.up_w, L.up_b)
             if gated:
@@ -257,7 +365,7 @@ class FastDecoder:
                 u = act(g) * u
             else:
                 u = act(u)
-            x = x + linear(u, L.down_w, L.down_b)
+            x = x + linear(u, L.down_w, L.down_b, cast=False)
         cache.advance(T)
         return self._norm(x, self.final_norm)
 

@@ -12,6 +12,12 @@ The cache implements the model's cache protocol (``prepare / update / advance``)
 the new keys/values into their slots (one ``index_copy_``) and gathers each row's keys/values (one
 ``index_select``) padded to the longest row; the mask hides the padding.
 
+**Prefix caching (vLLM's automatic prefix caching).** With ``prefix_caching=True`` every full block is keyed
+by ``hash((parent block's key, its token ids))``, so a key names the whole prefix up to that block. A new
+sequence starts on the cached blocks of its longest cached prefix (shared, reference-counted, never written:
+writes go past a sequence's length and shared blocks are full), leaving at least one token to compute.
+Blocks nobody uses stay cached until the free list runs dry, then the least recently freed is evicted.
+
 **Attention sinks (StreamingLLM, Xiao et al. 2023).** With ``sinks=(S, W)`` a sequence keeps its first
 ``S`` tokens (rounded up to whole blocks) plus the most recent ``W`` or more; older blocks are freed, so
 memory stays bounded however long generation runs. Positions are *positions in the cache* (as in the
@@ -28,6 +34,8 @@ freed block: it only drops tokens added after the forward that freed them.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,23 +52,52 @@ class CacheFullError(LLMLabError):
 
 
 class BlockAllocator:
-    """A free list of block ids."""
+    """A free list of block ids with reference counts, and an LRU list of unreferenced *cached* blocks.
+
+    A block that holds a cached prefix (``keep(block)`` was called) is not returned to the free list when
+    its last user frees it: it waits in ``cached`` (oldest first) until a new request shares it again or
+    the free list runs dry, when the least recently freed one is evicted (``on_evict``) and reused.
+    """
 
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.ref = [0] * num_blocks
+        self.kept: set[int] = set()  # blocks registered in the prefix cache
+        self.cached: OrderedDict[int, None] = OrderedDict()  # kept blocks nobody uses, LRU first
+        self.on_evict: Callable[[int], None] | None = None
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a new allocation can take: free ones plus evictable cached ones."""
+        return len(self._free) + len(self.cached)
 
     def allocate(self) -> int:
-        if not self._free:
+        if self._free:
+            block = self._free.pop()
+        elif self.cached:
+            block, _ = self.cached.popitem(last=False)
+            self.kept.discard(block)
+            if self.on_evict is not None:
+                self.on_evict(block)
+        else:
             raise CacheFullError(f"KV cache is full ({self.num_blocks} blocks in use)")
-        return self._free.pop()
+        self.ref[block] = 1
+        return block
+
+    def share(self, block: int) -> None:
+        """One more user of a cached block."""
+        self.ref[block] += 1
+        self.cached.pop(block, None)
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for block in reversed(blocks):  # a sequence's tail first: evicted before the prefix it extends
+            self.ref[block] -= 1
+            if self.ref[block] == 0:
+                if block in self.kept:
+                    self.cached[block] = None
+                else:
+                    self._free.append(block)
 
 
 @dataclass
@@ -69,6 +106,7 @@ class _Seq:
     length: int = 0  # tokens held in the cache (after evictions)
     evicted: int = 0  # tokens dropped by the attention-sink window
     dropped: int = 0  # leading blocks freed by the sliding window: token i lives in blocks[i // bs - dropped]
+    hashes: list[int] = field(default_factory=list)  # prefix-cache hash chain of its leading full blocks
 
 
 class PagedKVCache:
@@ -83,6 +121,7 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         sinks: tuple[int, int] | None = None,
         rope_inv_freq: Tensor | None = None,
+        prefix_caching: bool = False,
     ):
         if num_blocks <= 0 or block_size <= 0:
             raise LLMLabError(
@@ -113,6 +152,13 @@ class PagedKVCache:
             self.max_cached = self.sink_blocks * block_size + window + block_size
             self.inv_freq = rope_inv_freq.float().to(device)
         self._pending: tuple[Tensor, Tensor, list[int], int] | None = None
+        self.prefix_caching = prefix_caching
+        if prefix_caching and (sinks is not None or self.window is not None):
+            raise LLMLabError("prefix caching does not combine with attention sinks or a sliding window")
+        # Prefix cache: hash of (parent hash, block tokens) -> block, and each cached block's key.
+        self._hash_to_block: dict[int, int] = {}
+        self._block_key: dict[int, tuple[int, int | None, tuple[int, ...]]] = {}
+        self.allocator.on_evict = self._forget_block
 
     # ------------------------------------------------------------------------------- accounting
     @staticmethod
@@ -143,11 +189,93 @@ class PagedKVCache:
         freed = self._dead_blocks(length) - dropped if self.window is not None else 0
         return max(0, -(-(length + num_new) // self.block_size) - dropped - have - freed)
 
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks some sequence holds (cached blocks nobody uses are not counted: they are reclaimable)."""
+        return self.num_blocks - self.allocator.num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unreferenced blocks kept for the prefix cache."""
+        return len(self.allocator.cached)
+
+    # ----------------------------------------------------------------------------- prefix cache
+    def match_prefix(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """Cached blocks holding the longest block-aligned prefix of ``tokens`` and their hash chain. At
+        least one token is left to compute (its logits give the next token), as in vLLM."""
+        blocks: list[int] = []
+        hashes: list[int] = []
+        if not self.prefix_caching:
+            return blocks, hashes
+        bs = self.block_size
+        parent: int | None = None
+        for i in range((len(tokens) - 1) // bs):
+            chunk = tuple(tokens[i * bs : (i + 1) * bs])
+            h = hash((parent, chunk))
+            block = self._hash_to_block.get(h)
+            if block is None or self._block_key[block][1:] != (parent, chunk):  # a miss, or a collision
+                break
+            blocks.append(block)
+            hashes.append(h)
+            parent = h
+        return blocks, hashes
+
+    def blocks_to_admit(self, tokens: list[int], num_new: int, chunk: int | None = None) -> int:
+        """Free blocks a new sequence prefilled with ``tokens`` (room for ``num_new`` more) takes from the pool,
+        net of the cached blocks it shares (a shared block nobody else uses still leaves the free pool)."""
+        hits, _ = self.match_prefix(tokens)
+        if not hits:
+            return self.blocks_needed(None, len(tokens) + num_new, chunk)
+        total = -(-(len(tokens) + num_new) // self.block_size)
+        return total - len(hits) + sum(1 for b in hits if self.allocator.ref[b] == 0)
+
+    def cache_full_blocks(self, seq_id: int, tokens: list[int]) -> None:
+        """Register the sequence's full blocks in the prefix cache, extending its hash chain. ``tokens`` is
+        the sequence's token ids, the newest (not yet in the cache) included: only blocks before it are
+        registered, so rows a speculative step wrote past the committed tokens never are. A block whose
+        content is already cached elsewhere stays private."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+        for i in range(len(seq.hashes), min(seq.length, len(tokens) - 1) // bs):
+            parent = seq.hashes[-1] if seq.hashes else None
+            chunk = tuple(tokens[i * bs : (i + 1) * bs])
+            h = hash((parent, chunk))
+            block = seq.blocks[i]
+            if h not in self._hash_to_block and block not in self._block_key:
+                self._hash_to_block[h] = block
+                self._block_key[block] = (h, parent, chunk)
+                self.allocator.kept.add(block)
+            seq.hashes.append(h)
+
+    def _forget_block(self, block: int) -> None:
+        h, _, _ = self._block_key.pop(block)
+        if self._hash_to_block.get(h) == block:
+            del self._hash_to_block[h]
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (the weights changed): unused cached blocks return to the free list."""
+        while self.allocator.cached:
+            block, _ = self.allocator.cached.popitem(last=False)
+            self.allocator._free.append(block)
+        self.allocator.kept.clear()
+        self._hash_to_block.clear()
+        self._block_key.clear()
+        for seq in self.seqs.values():
+            seq.hashes.clear()
+
     # -------------------------------------------------------------------------------- sequences
-    def add_sequence(self, seq_id: int) -> None:
+    def add_sequence(self, seq_id: int, tokens: list[int] | None = None) -> int:
+        """Start a sequence; with prefix caching and its ``tokens``, attach the cached blocks of its longest
+        cached prefix. Returns how many tokens it starts with (those the prefill can skip)."""
         if seq_id in self.seqs:
             raise ValueError(f"sequence {seq_id} already in the cache")
-        self.seqs[seq_id] = _Seq()
+        seq = self.seqs[seq_id] = _Seq()
+        if tokens is not None and self.prefix_caching:
+            seq.blocks, seq.hashes = self.match_prefix(tokens)
+            for block in seq.blocks:
+                self.allocator.share(block)
+            seq.length = len(seq.blocks) * self.block_size
+        return seq.length
 
     def _dead_blocks(self, length: int) -> int:
         """Leading blocks no query at position >= ``length`` can see under the sliding window."""
@@ -184,6 +312,7 @@ class PagedKVCache:
         if length < seq.dropped * self.block_size:
             raise ValueError("cannot truncate into blocks the sliding window already freed")
         seq.length = length
+        del seq.hashes[length // self.block_size :]
         keep = -(-length // self.block_size) - seq.dropped
         self.allocator.free(seq.blocks[keep:])
         del seq.blocks[keep:]
@@ -283,8 +412,10 @@ class PagedKVCache:
         write, gather, starts, n = self._pending
         B, H, T, D = k.shape
         ck, cv = self.k[layer], self.v[layer]
-        ck.index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D).to(ck.dtype))
-        cv.index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D).to(cv.dtype))
+        k = k.transpose(1, 2).reshape(B * T, H, D)
+        v = v.transpose(1, 2).reshape(B * T, H, D)
+        ck.index_copy_(0, write, k if k.dtype == ck.dtype else k.to(ck.dtype))
+        cv.index_copy_(0, write, v if v.dtype == cv.dtype else v.to(cv.dtype))
         S = gather.numel() // B
         k_all = ck.index_select(0, gather).view(B, S, H, D).transpose(1, 2)
         v_all = cv.index_select(0, gather).view(B, S, H, D).transpose(1, 2)

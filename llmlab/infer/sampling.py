@@ -15,8 +15,9 @@ The order is penalties -> temperature -> top-k -> top-p -> min-p, as in transfor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,10 @@ from torch import Tensor
 from llmlab.errors import LLMLabError
 
 NEG_INF = float("-inf")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for ``top_logprobs``
+
+# ``(generated token ids so far, 1-D float32 logits over the vocabulary) -> logits`` (may modify in place).
+LogitsProcessor = Callable[[list[int], Tensor], Tensor]
 
 
 @dataclass
@@ -36,7 +41,12 @@ class SamplingParams:
     ``token_ids``); ``stop_token_ids`` add to the tokenizer's own stop ids unless ``ignore_eos``.
     ``logprobs=True`` returns the log-probability of each chosen token: under the raw model distribution
     (``logprobs_mode="raw"``, what RL needs for the policy) or under the processed sampling distribution
-    (``"processed"``: after penalties, temperature and filters).
+    (``"processed"``: after penalties, temperature and filters). ``top_logprobs=k`` (0..20) also returns, per
+    generated token, the ``k`` most likely tokens and their log-probabilities (same ``logprobs_mode``).
+    ``logits_processors`` are called as ``proc(generated_ids, logits_row)`` before penalties, temperature and
+    filters, greedy included (constrained decoding uses them); they are not compared, hashed or serialized.
+
+    Every field is checked on construction: a bad value raises one :class:`LLMLabError` naming it.
     """
 
     temperature: float = 0.0
@@ -54,6 +64,15 @@ class SamplingParams:
     logprobs: bool = False
     logprobs_mode: str = "raw"
     skip_special_tokens: bool = True
+    top_logprobs: int = 0
+    logits_processors: list[LogitsProcessor] | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def to_dict(self) -> dict:
+        """The parameters as plain data (``logits_processors`` are code, not data: left out)."""
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if f != "logits_processors"}
 
     @property
     def stop_strings(self) -> list[str]:
@@ -73,7 +92,21 @@ class SamplingParams:
         def bad(msg: str) -> LLMLabError:
             return LLMLabError(f"sampling parameter {msg}")
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                     "frequency_penalty"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise bad(f"'{name}' must be a finite number, got {value!r}")
+        for name in ("max_tokens", "top_k", "top_logprobs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise bad(f"'{name}' must be an integer, got {value!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise bad(f"'seed' must be an integer or None, got {self.seed!r}")
+        for name in ("ignore_eos", "logprobs", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"'{name}' must be true or false, got {getattr(self, name)!r}")
+        if self.max_tokens <= 0:
             raise bad(f"'max_tokens' must be a positive integer, got {self.max_tokens!r}")
         if self.temperature < 0:
             raise bad(f"'temperature' must be >= 0, got {self.temperature}")
@@ -94,9 +127,27 @@ class SamplingParams:
             raise bad(f"'stop' must be a string or a list of strings, got {self.stop!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise bad("'stop' must be non-empty strings")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise bad(f"'stop_token_ids' must be a list of token ids, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids or []:
-            if not isinstance(t, int) or t < 0 or (vocab_size is not None and t >= vocab_size):
+            if (
+                isinstance(t, bool)
+                or not isinstance(t, int)
+                or t < 0
+                or (vocab_size is not None and t >= vocab_size)
+            ):
                 raise bad(f"'stop_token_ids' has unknown token id {t!r} (vocabulary size {vocab_size})")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        procs = self.logits_processors
+        if procs is not None and (
+            not isinstance(procs, (list, tuple)) or not all(callable(p) for p in procs)
+        ):
+            raise bad(f"'logits_processors' must be a list of callables, got {procs!r}")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs > 0
 
 
 # Named sampling settings for the CLI (``--preset``); flags and key=value overrides apply on top.
@@ -168,11 +219,17 @@ def apply_presence_frequency(logits: Tensor, counts: Tensor, presence: float, fr
 def process_logits(
     logits: Tensor, params: SamplingParams, prompt_ids: Sequence[int] = (), output_ids: Sequence[int] = ()
 ) -> Tensor:
-    """The whole pipeline for one request's logits ``[V]`` or ``[1, V]`` given its token history.
+    """The whole pipeline for one request's logits ``[V]`` or ``[1, V]`` given its token history: the
+    request's logits processors, then penalties -> temperature -> top-k -> top-p -> min-p.
 
     Greedy requests only get the penalties (temperature and filters cannot change the argmax).
     """
     x = logits.float().reshape(1, -1)
+    if params.logits_processors:
+        row = x[0].clone()  # a copy: the raw logits must survive in-place edits (raw logprobs read them)
+        for proc in params.logits_processors:
+            row = proc(list(output_ids), row)
+        x = row.float().reshape(1, -1)
     if params.repetition_penalty != 1.0:
         seen = torch.tensor([list(prompt_ids) + list(output_ids)], dtype=torch.long, device=x.device)
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
@@ -203,6 +260,15 @@ def chosen_logprob(raw: Tensor, processed: Tensor, token: int, params: SamplingP
     src = raw if params.logprobs_mode == "raw" else processed
     src = src.float().reshape(-1)
     return float(src[token] - torch.logsumexp(src, dim=-1))
+
+
+def top_logprobs(raw: Tensor, processed: Tensor, k: int, params: SamplingParams) -> dict[int, float]:
+    """The ``k`` most likely tokens and their log-probabilities (raw or processed, as ``chosen_logprob``);
+    tokens a filter removed (``-inf``) are left out."""
+    src = raw if params.logprobs_mode == "raw" else processed
+    logp = torch.log_softmax(src.float().reshape(-1), dim=-1)
+    values, ids = torch.topk(logp, min(k, logp.numel()))
+    return {i: v for i, v in zip(ids.tolist(), values.tolist(), strict=True) if v != NEG_INF}
 
 
 def find_stop(text: str, stops: Sequence[str], search_from: int) -> int:

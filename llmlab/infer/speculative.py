@@ -21,13 +21,23 @@ combines with continuous batching and streaming (batch 1 is where it pays on a C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
-from llmlab.infer.sampling import SamplingParams, chosen_logprob, process_logits
+from llmlab.infer.runner import ModelRunner, score
+from llmlab.infer.sampling import SamplingParams, process_logits
+from llmlab.infer.scheduler import Request, Scheduler
+
+
+class DraftEngine(Protocol):
+    """What a draft model offers the decoder: an engine (``LLM``) over the same vocabulary."""
+
+    runner: ModelRunner
+    scheduler: Scheduler
+    vocab_size: int
 
 
 @dataclass
@@ -47,6 +57,22 @@ class SpeculativeConfig:
             raise LLMLabError("speculative method 'draft' needs 'draft_model'")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise LLMLabError("speculative needs 1 <= ngram_min <= ngram_max")
+
+    @classmethod
+    def parse(cls, spec: Any) -> SpeculativeConfig:
+        """``"ngram"``/``"draft"``, a dict of these fields, or a config; validated."""
+        if isinstance(spec, str):
+            spec = cls(method=spec)
+        elif isinstance(spec, dict):
+            known = cls.__dataclass_fields__
+            unknown = [k for k in spec if k not in known]
+            if unknown:
+                raise LLMLabError(f"unknown speculative option {unknown[0]!r} (known: {', '.join(known)})")
+            spec = cls(**spec)
+        elif not isinstance(spec, cls):
+            raise LLMLabError(f"option 'speculative' must be a method name or a dict, got {spec!r}")
+        spec.validate()
+        return spec
 
 
 # ---------------------------------------------------------------------------------- pure parts
@@ -109,69 +135,52 @@ def _probs(processed: Tensor, params: SamplingParams) -> Tensor:
 
 # ---------------------------------------------------------------------------------- the driver
 class SpeculativeDecoder:
-    """Runs requests of an :class:`~llmlab.infer.LLM` through draft-and-verify steps."""
+    """Draft-and-verify decode steps over an engine's scheduler and runner (and a draft engine's)."""
 
-    def __init__(self, engine: Any, cfg: SpeculativeConfig):
+    def __init__(
+        self, scheduler: Scheduler, runner: ModelRunner, cfg: SpeculativeConfig, draft: DraftEngine | None
+    ):
         cfg.validate()
-        if engine.attention_sinks is not None:
+        if scheduler.cache.sinks is not None:
             raise LLMLabError(
                 "speculative decoding does not combine with attention sinks (rollback needs absolute positions)"
             )
-        self.engine = engine
+        self.scheduler = scheduler
+        self.runner = runner
         self.cfg = cfg
-        self.draft = None
-        if cfg.method == "draft":
-            from llmlab.infer.engine import LLM
-
-            opts = {
-                "max_batch_size": engine.max_batch_size,  # one draft sequence per running request
-                "max_model_len": engine.max_model_len,
-                "fast": engine.fast.weights if engine.fast else False,
-            }
-            if isinstance(cfg.draft_model, LLM):
-                self.draft = cfg.draft_model
-            elif isinstance(cfg.draft_model, torch.nn.Module):
-                self.draft = LLM.from_model(cfg.draft_model, engine.tokenizer, **opts)
-            else:
-                self.draft = LLM(cfg.draft_model, engine.tokenizer, **opts)
-            if self.draft.vocab_size != engine.vocab_size:
-                raise LLMLabError(
-                    f"draft vocabulary ({self.draft.vocab_size}) differs from the target's ({engine.vocab_size})"
-                )
+        self.draft = draft
+        self._draft_seqs: dict[str, int] = {}  # request id -> its sequence in the draft's cache
+        scheduler.on_free.append(self.release)
         self.stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}
-
-    @classmethod
-    def create(cls, engine: Any, spec: Any) -> SpeculativeDecoder:
-        if isinstance(spec, str):
-            spec = SpeculativeConfig(method=spec)
-        elif isinstance(spec, dict):
-            known = SpeculativeConfig.__dataclass_fields__
-            unknown = [k for k in spec if k not in known]
-            if unknown:
-                raise LLMLabError(f"unknown speculative option {unknown[0]!r} (known: {', '.join(known)})")
-            spec = SpeculativeConfig(**spec)
-        return cls(engine, spec)
 
     @property
     def acceptance_rate(self) -> float:
+        """Accepted drafts / proposed drafts."""
         return self.stats["accepted"] / max(1, self.stats["proposed"])
 
-    def _room(self, req: Any, tokens: list[int]) -> int:
-        """How many drafts fit: leave one token for the correction/bonus within max_tokens and the context."""
-        eng = self.engine
+    @property
+    def mean_accepted_len(self) -> float:
+        """Tokens emitted per request per verify step (accepted drafts plus the correction/bonus token)."""
+        return self.stats["emitted"] / max(1, self.stats["steps"])
+
+    def _room(self, req: Request, tokens: list[int]) -> int:
+        """How many drafts fit: leave one token for the correction/bonus within max_tokens and the context.
+        Requests with logits processors (e.g. constrained decoding) take none: their processors see one
+        token at a time."""
+        if req.params.logits_processors:
+            return 0
         room = req.params.max_tokens - len(req.output_ids) - 1
-        if eng.max_model_len is not None:
-            room = min(room, eng.max_model_len - len(tokens) - 1)
+        if self.scheduler.max_model_len is not None:
+            room = min(room, self.scheduler.max_model_len - len(tokens) - 1)
         return max(0, min(self.cfg.num_tokens, room))
 
-    def release(self, req: Any) -> None:
+    def release(self, req: Request) -> None:
         """Free the draft model's copy of a finished, cancelled or preempted request."""
-        seq = getattr(req, "draft_seq", None)
+        seq = self._draft_seqs.pop(req.id, None)
         if seq is not None and self.draft is not None:
-            self.draft.cache.free_sequence(seq)
-        req.draft_seq = None
+            self.draft.runner.cache.free_sequence(seq)
 
-    def decode_step(self, reqs: list[Any], touched: list[Any]) -> bool:
+    def decode_step(self, reqs: list[Request]) -> bool:
         """One draft-and-verify step for every running request: the engine's decode step under speculation.
 
         Each request gets its own drafts (``k`` each, fewer near ``max_tokens``); the target scores all rows
@@ -180,18 +189,18 @@ class SpeculativeDecoder:
         has room for a draft or the pool cannot hold ``K + 1`` more tokens per row: the engine then runs a
         plain decode step (which may preempt).
         """
-        eng = self.engine
-        cache = eng.cache
-        tokens = [r.prompt_ids + r.output_ids for r in reqs]
+        sched, runner = self.scheduler, self.runner
+        cache = runner.cache
+        tokens = [r.all_token_ids for r in reqs]
         rooms = [self._room(r, t) for r, t in zip(reqs, tokens, strict=True)]
         K = max(rooms)
-        if eng.max_model_len is not None:  # padded rows must stay inside the context too
-            K = min(K, min(eng.max_model_len - len(t) for t in tokens))
-        if K <= 0 or sum(cache.blocks_needed(r.seq_id, K + 1) for r in reqs) > cache.num_free_blocks:
+        if sched.max_model_len is not None:  # padded rows must stay inside the context too
+            K = min(K, min(sched.max_model_len - len(t) for t in tokens))
+        if K <= 0 or not sched.fits(reqs, K + 1):
             return False
         if self.draft is not None:  # the draft catches up on the committed tokens, then drafts K more
-            dc = self.draft.cache
-            seqs = [getattr(r, "draft_seq", None) for r in reqs]
+            dc = self.draft.runner.cache
+            seqs = [self._draft_seqs.get(r.id) for r in reqs]
             need = sum(
                 dc.blocks_needed(s, len(t) - (dc.length(s) if s is not None else 0) + K)
                 for s, t in zip(seqs, tokens, strict=True)
@@ -206,12 +215,14 @@ class SpeculativeDecoder:
             elif self.draft is None:
                 proposals.append((ngram_propose(t, k, self.cfg.ngram_max, self.cfg.ngram_min), None))
             else:
-                if getattr(r, "draft_seq", None) is None:
-                    r.draft_seq = next(self.draft._seq_counter)
-                    self.draft.cache.add_sequence(r.draft_seq)
-                proposals.append(self._draft(r, t, r.draft_seq, k))
+                if r.id not in self._draft_seqs:
+                    seq = self._draft_seqs[r.id] = self.draft.scheduler.new_seq_id()
+                    self.draft.runner.cache.add_sequence(seq)
+                proposals.append(self._draft(r, t, self._draft_seqs[r.id], k))
         ids = [[t[-1], *d, *[t[-1]] * (K - len(d))] for t, (d, _) in zip(tokens, proposals, strict=True)]
-        logits = eng.forward(torch.tensor(ids, device=eng.device), [r.seq_id for r in reqs], last_only=False)
+        logits = runner.forward(
+            torch.tensor(ids, device=runner.device), [r.seq_id for r in reqs], last_only=False
+        )
         for row, (r, t, (drafts, q)) in enumerate(zip(reqs, tokens, proposals, strict=True)):
             params = r.params
             processed, p = [], []
@@ -219,38 +230,39 @@ class SpeculativeDecoder:
                 proc = process_logits(logits[row, i], params, r.prompt_ids, r.output_ids + drafts[:i])
                 processed.append(proc)
                 p.append(_probs(proc, params))
-            n, nxt = verify(torch.stack(p), q, drafts, r.generator, params.greedy)
+            n, nxt = verify(torch.stack(p), q, drafts, runner.generator_for(r), params.greedy)
             self.stats["steps"] += 1
             self.stats["proposed"] += len(drafts)
             self.stats["accepted"] += n
-            touched.append(r)
+            finished = False
             for i, tok in enumerate(drafts[:n] + [nxt]):
-                lp = chosen_logprob(logits[row, i], processed[i], tok, params) if params.logprobs else None
-                eng._append(r, tok, lp)
+                lp, top = score(logits[row, i], processed[i], tok, r)
                 self.stats["emitted"] += 1
-                if r.finish_reason is not None:
+                if sched.append_token(r, tok, lp, top):
+                    finished = True
                     break
-            if r.finish_reason is not None:
-                continue  # _finish freed its blocks, the draft's too
+            if finished:
+                continue  # finishing freed its blocks, the draft's too
             committed = len(t) - 1 + n + 1  # the cache holds every committed token but the newest
             cache.truncate(r.seq_id, committed)
-            if getattr(r, "draft_seq", None) is not None:
-                dc = self.draft.cache
-                dc.truncate(r.draft_seq, min(dc.length(r.draft_seq), committed))
+            seq = self._draft_seqs.get(r.id)
+            if seq is not None:
+                dc = self.draft.runner.cache
+                dc.truncate(seq, min(dc.length(seq), committed))
         return True
 
-    def _draft(self, req: Any, tokens: list[int], seq: int, k: int) -> tuple[list[int], Tensor]:
+    def _draft(self, req: Request, tokens: list[int], seq: int, k: int) -> tuple[list[int], Tensor]:
         """Sample ``k`` drafts from the draft model (catching its cache up on committed tokens first)."""
-        draft, params = self.draft, req.params
-        have = draft.cache.length(seq)
-        feed = tokens[have:]
+        runner, params = self.draft.runner, req.params
+        feed = tokens[runner.cache.length(seq) :]
         drafts: list[int] = []
         qs = []
+        generator = self.runner.generator_for(req)
         for _ in range(k):
-            logits = draft.forward(torch.tensor([feed], device=draft.device), [seq], last_only=True)[0]
+            logits = runner.forward(torch.tensor([feed], device=runner.device), [seq], last_only=True)[0]
             proc = process_logits(logits, params, req.prompt_ids, req.output_ids + drafts)
             q = _probs(proc, params)
-            d = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=req.generator))
+            d = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=generator))
             drafts.append(d)
             qs.append(q)
             feed = [d]

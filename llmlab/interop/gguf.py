@@ -4,7 +4,7 @@ A GGUF holds three things, all of which we map:
 
 - **metadata** ``{arch}.block_count``, ``{arch}.embedding_length``, ... -> :class:`ModelConfig`;
 - **tensors** ``blk.N.attn_q.weight`` ... in F32/F16/BF16 or a block-quantized type. We dequantize
-  F32/F16/BF16/Q8_0/Q4_0/Q4_1 to fp32 with ``gguf.quants.dequantize`` and refuse anything else with the
+  F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 to fp32 with ``gguf.quants.dequantize`` and refuse anything else with the
   tensor's name and type. For the llama arch, llama.cpp's converter permuted the rows of ``attn_q``/``attn_k``
   (its RoPE rotates interleaved pairs, HF's rotates halves): we undo that permutation;
 - **tokenizer** ``tokenizer.ggml.tokens/merges/token_type`` (GPT-2-style byte-level BPE) and
@@ -46,7 +46,7 @@ _BLOCK_NAMES = {
 def _supported_types() -> set[Any]:
     from gguf import GGMLQuantizationType as Q
 
-    return {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1}
+    return {Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -161,7 +161,7 @@ def dequantize_tensor(tensor: Any, source: str) -> Tensor:
     if tensor.tensor_type not in _supported_types():
         raise CheckpointError(
             f"{source}: tensor '{tensor.name}' has type {tensor.tensor_type.name}, which llmlab cannot dequantize "
-            "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)"
+            "(supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1)"
         )
     array = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     if not array.flags.writeable:
@@ -254,7 +254,8 @@ def tokenizer_from_gguf(reader: Any, source: str) -> Any:
             f"{source}: GGUF 'tokenizer.ggml.model' = {kind!r}: only byte-level BPE ('gpt2') tokenizers are supported"
         )
     tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens", source=source))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", source=source)]
+    # A vocabulary of bytes and specials only has no merges, and writers then omit the (empty) key.
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [], source)]
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens), source))
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())

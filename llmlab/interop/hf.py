@@ -611,6 +611,13 @@ def save_hf(
     """Atomically write ``model`` (and ``tokenizer``) as an HF checkpoint directory."""
     cfg: ModelConfig = model.cfg
     config = config_to_hf(cfg, tokenizer)
+    integer = [k for k, v in model.state_dict().items() if not v.is_floating_point()]
+    if integer:
+        # Quantized layers' codes would load as nothing in transformers (it re-initializes the projections).
+        raise ConfigError(
+            f"{directory}: the model holds quantized layers ('{integer[0]}'); an HF directory has no slot for "
+            "llmlab's codes: dequantize first (llmlab.quant.common.dequantize_model; llmlab convert does)"
+        )
     state = state_to_hf(model.state_dict(), cfg)
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.model.checkpoint import atomic_write_file, load_state_dict
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -150,7 +152,7 @@ def _base_weight_ref(layer: nn.Module) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------- wrap / unwrap
-def _matches(name: str, targets: Sequence[str]) -> bool:
+def matches_targets(name: str, targets: Sequence[str]) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in targets
 
@@ -161,7 +163,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     targets = target_names(cfg.targets)
     wrapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear) or ".base_layer" in name or not _matches(name, targets):
+        if isinstance(module, LoRALinear) or ".base_layer" in name or not matches_targets(name, targets):
             continue
         if not hasattr(module, "in_features"):
             continue
@@ -256,9 +258,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format), each atomically."""
-    from safetensors.torch import save_file
-
-    from llmlab.model.checkpoint import atomic_write_file
 
     layers = list(lora_layers(model))
     if not layers:
@@ -337,7 +336,6 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
 
 def apply_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
     """Wrap ``model`` with the LoRA adapter saved in ``adapter_dir`` (llmlab- or PEFT-written)."""
-    from llmlab.model.checkpoint import load_state_dict
 
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
@@ -381,35 +379,3 @@ def describe(model: nn.Module) -> dict[str, Any]:
     total = sum(p.numel() for p in model.parameters())
     trainable = trainable_parameters(model)
     return {"params": total, "trainable": trainable, "trainable_pct": 100.0 * trainable / max(total, 1)}
-
-
-# ------------------------------------------------------------------------------------------- QLoRA
-def quantize_for_qlora(
-    model: nn.Module, targets: Sequence[str], block_size: int = 64, double_quant: bool = True
-) -> dict[str, int]:
-    """Replace the frozen target ``nn.Linear`` layers by NF4 (dequantized on the fly in each forward).
-
-    Call before :func:`apply_lora`, which then wraps the NF4 layers. Returns the base-weight bytes before
-    (fp32 and bf16 equivalents) and after, for the report.
-    """
-    from llmlab.quant.nf4 import NF4Linear
-
-    names = target_names(targets)
-    before = after = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or not _matches(name, names):
-            continue
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        q = NF4Linear.from_linear(module, block_size=block_size, double_quant=double_quant)
-        before += module.weight.numel()
-        after += q.weight_bytes()
-        setattr(parent, leaf, q)
-    if before == 0:
-        raise ConfigError(f"no linear layer matches the QLoRA targets {names}")
-    return {
-        "base_params_quantized": before,
-        "fp32_bytes": 4 * before,
-        "bf16_bytes": 2 * before,
-        "nf4_bytes": after,
-    }

@@ -175,6 +175,33 @@ class CausalAttentionCPU(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
+def explicit_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool
+) -> tuple[Tensor, Tensor]:
+    """SDPA's math written out, returning ``(output [B, H, T, D], probabilities [B, H, T, S])``.
+
+    ``softmax(q k^T / sqrt(D) + mask) v`` with the same mask conventions as ``scaled_dot_product_attention``
+    (bool: True = may attend; float: additive; ``is_causal``: the lower triangle, top-left aligned as SDPA's)
+    and grouped-query heads expanded. Used when a caller asks the model for its attention maps
+    (``return_attention=True``); no dropout, so it is an inference path. fp32 softmax, as SDPA's CPU kernel.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    T, S = scores.shape[-2:]
+    if is_causal:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif mask is not None:
+        scores = (
+            scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+        )
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype), probs
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -193,6 +220,7 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None,
         meta: AttnMeta,
         cache: KVCacheProtocol | None,
+        weights_out: list[Tensor] | None = None,
     ) -> Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -205,6 +233,10 @@ class Attention(nn.Module):
         mask = meta.mask
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(q.dtype)
+        if weights_out is not None:
+            out, probs = explicit_attention(q, k, v, mask, meta.is_causal and mask is None)
+            weights_out.append(probs)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         if (
             meta.causal_bias is not None
             and cache is None
@@ -257,10 +289,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, rope, meta: AttnMeta, cache: KVCacheProtocol | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        rope,
+        meta: AttnMeta,
+        cache: KVCacheProtocol | None,
+        weights_out: list[Tensor] | None = None,
+    ) -> Tensor:
         attn, mlp = self.self_attn, self.mlp
         h = _autocast_input(self.input_layernorm(x), attn.q_proj, attn.k_proj, attn.v_proj)
-        x = x + self.dropout(attn(h, rope, meta, cache))
+        x = x + self.dropout(attn(h, rope, meta, cache, weights_out))
         h = _autocast_input(self.post_attention_layernorm(x), mlp.up_proj, getattr(mlp, "gate_proj", None))
         return x + self.dropout(mlp(h))
 
@@ -368,13 +407,17 @@ class Transformer(nn.Module):
         segment_ids: Tensor | None = None,
         cache: KVCacheProtocol | None = None,
         return_hidden: bool = False,
-    ) -> Tensor:
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Logits ``[B, T, vocab]`` (or final hidden states with ``return_hidden``).
 
         - ``positions [B, T]``: explicit positions (packed documents restart at 0).
         - ``attention_mask [B, T]``: 1 for real tokens, 0 for padding (no cache).
         - ``segment_ids [B, T]``: packed-document ids; attention never crosses a document boundary.
         - ``cache``: a KV cache (see :class:`KVCacheProtocol`) for incremental decoding.
+        - ``return_attention``: also return each layer's attention probabilities ``[B, H, T, S]`` (a list,
+          one per layer), computed by :func:`explicit_attention` (the same math as SDPA, written out) instead
+          of the fused kernel; for analysis, not training.
         """
         B, T = input_ids.shape
         if cache is not None:
@@ -397,14 +440,14 @@ class Transformer(nn.Module):
                 )
             x = x + self.embed_positions(meta.q_pos)
         rope = self.rotary(meta.q_pos) if self.rotary is not None else None
+        weights: list[Tensor] | None = [] if return_attention else None
         for layer in self.layers:
-            x = layer(x, rope, meta, cache)
+            x = layer(x, rope, meta, cache, weights)
         if cache is not None:
             cache.advance(T)
         x = self.norm(x)
-        if return_hidden:
-            return x
-        return self.logits(x)
+        out = x if return_hidden else self.logits(x)
+        return (out, weights) if weights is not None else out
 
     def logits(self, hidden: Tensor) -> Tensor:
         if self.lm_head is not None:
@@ -430,12 +473,14 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
 
     N counts every weight matrix that is multiplied, the output head included (also when tied to the
     embedding, since the head matmul is still done) but not embedding look-ups. The attention term counts the
-    full T x T score and value matmuls, as nanoGPT and PaLM do.
+    full T x T score and value matmuls, as nanoGPT and PaLM do; with a sliding window W a query meets at most
+    W keys, so T becomes min(T, W).
     """
     d, L = cfg.d_model, cfg.n_layers
     hd, H, KV = cfg.dim_head, cfg.n_heads, cfg.kv_heads
     attn_params = d * H * hd + 2 * d * KV * hd + H * hd * d
     mlp_params = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.ffn_dim
     n = L * (attn_params + mlp_params) + d * cfg.vocab_size
-    per_token_fwd = 2 * n + 4 * L * H * hd * seq_len
+    span = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
+    per_token_fwd = 2 * n + 4 * L * H * hd * span
     return 3 * per_token_fwd if training else per_token_fwd

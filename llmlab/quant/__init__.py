@@ -2,7 +2,8 @@
 
 - ``quantize_nf4`` / ``dequantize_nf4`` / :class:`NF4Linear`: NF4 with double quantization (QLoRA's base).
 - :class:`Int8Linear`, :class:`Int4Linear`: frozen linears running PyTorch's CPU int8/int4 GEMM kernels.
-- ``quantize_model(model, QuantConfig(...), tokenizer)`` quantizes a Transformer in place;
+- ``quantize_model(model, QuantConfig(...), tokenizer)`` quantizes a Transformer in place (int4 group size:
+  the largest of 128/64/32 that fits, unless set); ``dequantize_model`` turns it back into float linears;
   ``save_quantized`` / ``load_quantized`` write and read the quantized checkpoint directory.
 
 Exports are lazy so ``llmlab.quant.cli`` (imported by ``llmlab --help``) does not pull in torch.
@@ -15,6 +16,8 @@ from llmlab.lazy import lazy_exports
 _LAZY = {
     "AffineQuantizer": "llmlab.quant.common",
     "QuantLinear": "llmlab.quant.common",
+    "dequantize_model": "llmlab.quant.common",
+    "resolve_group_size": "llmlab.quant.config",
     "Int4Linear": "llmlab.quant.int4",
     "quantize_int4": "llmlab.quant.int4",
     "dequantize_int4": "llmlab.quant.int4",

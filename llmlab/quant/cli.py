@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from llmlab.cliargs import add_override_arguments, overrides_from
+from llmlab.outputs import add_output_argument
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -13,17 +16,18 @@ def register(subparsers: Any) -> None:
         description=(
             "Post-training weight-only quantization. SRC is any model llmlab.load reads (llmlab checkpoint, HF "
             "directory, .gguf); DST is written as a quantized llmlab checkpoint that llmlab.load reads back. "
-            "Settings: --preset, then --config YAML, then --set key=value, then the flags below."
+            "Settings: --preset, then --config YAML, then key=value overrides (or --set key=value), then the flags below."
         ),
     )
     p.add_argument("src", metavar="SRC", help="model to quantize")
-    p.add_argument("dst", metavar="DST", help="output checkpoint directory")
+    add_output_argument(p, "output checkpoint directory", dest="dst", positional=True)
     p.add_argument("--scheme", choices=["int8", "int4", "nf4"], default=None, help="quantization scheme")
     p.add_argument(
         "--group-size",
         type=int,
         default=None,
-        help="int4 group (32/64/128/256, default 128) or NF4 block (64)",
+        help="int4 group (32/64/128/256; default: the largest of 128/64/32 that divides every layer) or "
+        "NF4 block (default 64)",
     )
     p.add_argument("--symmetric", action="store_true", default=None, help="int4: symmetric (no zero point)")
     p.add_argument(
@@ -51,7 +55,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--preset", default=None, help="named settings: int8, int4, int4-gptq, int4-awq, nf4")
     p.add_argument("--config", default=None, metavar="YAML", help="YAML file of QuantConfig keys")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override QuantConfig keys")
+    add_override_arguments(p, "QuantConfig overrides key=value, e.g. group_size=64")
     p.set_defaults(func=run_quantize)
 
 
@@ -79,7 +83,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from llmlab.config import build_config
     from llmlab.errors import ConfigError
-    from llmlab.eval.cli import load_model
+    from llmlab.loading import load as load_model
     from llmlab.quant.quantize import (
         QUANT_PRESETS,
         QuantConfig,
@@ -87,10 +91,11 @@ def run_quantize(args: argparse.Namespace) -> int:
         linear_bytes,
         model_bytes,
         quantize_model,
+        resolve_group_size,
         save_quantized,
     )
 
-    overrides = list(args.set or [])
+    overrides = overrides_from(args)
     overrides += [
         f"{key}={getattr(args, flag)}" for flag, key in _FLAG_KEYS.items() if getattr(args, flag) is not None
     ]
@@ -101,6 +106,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     if not hasattr(model, "layers"):
         raise ConfigError(f"{args.src}: not an llmlab Transformer (already quantized?)")
     model = model.float()
+    cfg.validate()
+    note = resolve_group_size(model, cfg)
+    if note:
+        print(note)
     check_shapes(model, cfg)
     before_all, before_lin = model_bytes(model), linear_bytes(model)
     report = quantize_model(model, cfg, tokenizer)

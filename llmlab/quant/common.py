@@ -77,11 +77,24 @@ class QuantLinear(nn.Module):
         )
 
 
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the CPU int4 kernel (tinygemm layout) accepts
+
+
+def valid_group_sizes(in_features: list[int] | tuple[int, ...]) -> list[int]:
+    """The int4 group sizes that divide every one of ``in_features``."""
+    return [g for g in INT4_GROUP_SIZES if all(k % g == 0 for k in in_features)]
+
+
 def check_group_size(in_features: int, group_size: int, name: str = "weight") -> None:
     if group_size <= 0 or in_features % group_size:
+        valid = valid_group_sizes([in_features])
+        hint = (
+            f"group sizes that divide it: {', '.join(map(str, valid))}"
+            if valid
+            else "no int4 group size does"
+        )
         raise ConfigError(
-            f"group size {group_size} does not divide in_features={in_features} of '{name}' "
-            f"(choose a divisor, e.g. 32, 64 or 128)"
+            f"group size {group_size} does not divide in_features={in_features} of '{name}' ({hint})"
         )
 
 
@@ -169,3 +182,30 @@ class AffineQuantizer:
         g = K // scales.shape[1]
         q = codes.float().reshape(N, K // g, g)
         return ((q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).reshape(N, K)
+
+
+def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
+    """The model's quantized linears by module name (empty for a float model)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Replace every :class:`QuantLinear` by an ``nn.Linear`` holding the weight its codes stand for, in place.
+
+    Formats that have no slot for llmlab's codes and scales (a Hugging Face directory, GGUF, a plain llmlab
+    checkpoint) get these float weights: the model computes the same function, at float size. Returns the
+    names of the layers that were replaced.
+    """
+    replaced = quantized_layers(model)
+    for name, module in replaced.items():
+        weight = module.dequantize(dtype)
+        linear = nn.Linear(
+            module.in_features, module.out_features, bias=module.bias is not None, device="meta"
+        )
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return list(replaced)

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.errors import ConfigError
-from llmlab.quant.common import AffineQuantizer, QuantLinear, check_group_size
+from llmlab.quant.common import INT4_GROUP_SIZES, AffineQuantizer, QuantLinear, check_group_size
 
-GROUP_SIZES = (32, 64, 128, 256)
+GROUP_SIZES = INT4_GROUP_SIZES
 
 
 def int4_quantizer(group_size: int, symmetric: bool = False, float_zero: bool = False) -> AffineQuantizer:

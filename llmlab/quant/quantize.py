@@ -15,9 +15,7 @@ Checkpoint: an llmlab checkpoint directory whose ``config.json`` carries a ``"qu
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,69 +24,16 @@ from torch import Tensor, nn
 
 from llmlab.errors import CheckpointError, ConfigError
 from llmlab.quant.common import QuantLinear, check_group_size
+from llmlab.quant.config import (  # re-exported: callers import the config from here too
+    QUANT_PRESETS,
+    SCHEMES,
+    QuantConfig,
+    check_shapes,
+    resolve_group_size,
+    target_names,
+)
 
-SCHEMES = ("int8", "int4", "nf4")
 QUANT_FORMAT_VERSION = 1
-
-
-@dataclass
-class QuantConfig:
-    """How to quantize.
-
-    ``group_size`` is the int4 group (32/64/128/256; default 128) and the NF4 block size (default 64);
-    int8 always uses one scale per output channel.
-    """
-
-    scheme: str = "int8"
-    group_size: int | None = None
-    symmetric: bool = False  # int4 only; int8 is always symmetric, NF4 has no zero point
-    float_zero: bool = False  # int4 asymmetric: w = q * scale + min (fp16 offset) instead of an integer zero
-    double_quant: bool = True  # NF4: quantize the block maxima again (QLoRA)
-    include_head: bool = False  # also quantize an untied lm_head
-    gptq: bool = False
-    gptq_damp: float = 0.01
-    gptq_block_size: int = 128
-    act_order: bool = False
-    awq: bool = False
-    awq_grid: int = 20
-    awq_max_tokens: int = 4096  # calibration tokens used by the AWQ search (per linear group)
-    calib_data: str = "wikitext2-valid"  # bundled corpus name or a text file
-    calib_samples: int = 32
-    calib_seq_len: int = 256
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.scheme not in SCHEMES:
-            raise ConfigError(
-                f"unknown quantization scheme '{self.scheme}' (choose one of {', '.join(SCHEMES)})"
-            )
-        if self.group_size is None:
-            self.group_size = {"int4": 128, "nf4": 64}.get(self.scheme)
-        if self.scheme == "int4" and self.group_size not in (32, 64, 128, 256):
-            raise ConfigError(f"int4 group size must be 32, 64, 128 or 256, got {self.group_size}")
-        if self.scheme == "nf4" and self.group_size <= 0:
-            raise ConfigError(f"NF4 block size must be positive, got {self.group_size}")
-        if self.gptq and self.scheme == "nf4":
-            raise ConfigError("GPTQ is implemented for int8 and int4, not NF4 (use --awq with nf4)")
-        if not 0 < self.gptq_damp < 1:
-            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
-        if self.calib_samples <= 0 or self.calib_seq_len <= 1:
-            raise ConfigError("calib_samples must be > 0 and calib_seq_len > 1")
-        if self.awq_grid < 2:
-            raise ConfigError(f"awq_grid must be >= 2, got {self.awq_grid}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-# Named presets for ``llmlab quantize --preset``.
-QUANT_PRESETS: dict[str, QuantConfig] = {
-    "int8": QuantConfig(scheme="int8"),
-    "int4": QuantConfig(scheme="int4", group_size=64),
-    "int4-gptq": QuantConfig(scheme="int4", group_size=64, gptq=True),
-    "int4-awq": QuantConfig(scheme="int4", group_size=64, awq=True),
-    "nf4": QuantConfig(scheme="nf4", group_size=64),
-}
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -134,26 +79,10 @@ def empty_quant_linear(in_features: int, out_features: int, bias: bool, cfg: Qua
     return NF4Linear(in_features, out_features, bias, cfg.group_size, cfg.double_quant)
 
 
-def target_names(model: nn.Module, cfg: QuantConfig) -> list[str]:
-    """Names of the linears to quantize: every ``nn.Linear`` in the blocks (+ an untied head if asked)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("layers.")]
-    if cfg.include_head and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        names.append("lm_head")
-    return names
-
-
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
-
-
-def check_shapes(model: nn.Module, cfg: QuantConfig) -> None:
-    """Fail before any work if a layer's in_features is not a multiple of the group size."""
-    if cfg.scheme != "int4":
-        return
-    for name in target_names(model, cfg):
-        check_group_size(model.get_submodule(name).in_features, cfg.group_size, name)
 
 
 # -------------------------------------------------------------------------------------- calibration
@@ -307,10 +236,13 @@ def quantize_model(
     from tqdm import tqdm
 
     cfg.validate()
+    note = resolve_group_size(model, cfg)
     check_shapes(model, cfg)
     model.eval()
     t0 = time.perf_counter()
-    report: dict[str, Any] = {"scheme": cfg.scheme}
+    report: dict[str, Any] = {"scheme": cfg.scheme, "group_size": cfg.group_size}
+    if note:
+        report["group_size_note"] = note
     if cfg.gptq or cfg.awq:
         if calib_tokens is None:
             if tokenizer is None:
@@ -424,3 +356,10 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu") ->
     model.eval()
     tokenizer = Tokenizer.from_file(directory) if (directory / TOKENIZER_FILE).is_file() else None
     return model, tokenizer
+
+
+__all__ = [
+    "QUANT_FORMAT_VERSION", "QUANT_PRESETS", "SCHEMES", "QuantConfig", "check_shapes", "empty_quant_linear",
+    "fake_quantize", "linear_bytes", "load_quantized", "make_quant_linear", "model_bytes", "quantize_model",
+    "resolve_group_size", "save_quantized", "target_names",
+]  # fmt: skip

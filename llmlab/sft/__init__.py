@@ -1,5 +1,5 @@
 """Supervised fine-tuning: chat templates and assistant-only masks (:mod:`.chat`), data loading and batching
-(:mod:`.datasets`), and the run itself (:mod:`.recipe`, ``llmlab sft``).
+(:mod:`.datasets`). The run itself, ``llmlab sft``, is :mod:`llmlab.recipes.sft`.
 
 Exports load lazily, so ``llmlab.sft.cli`` (and ``llmlab --help``) do not import torch.
 """

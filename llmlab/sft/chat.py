@@ -71,7 +71,7 @@ def _raise_exception(message: str) -> None:
 
 @lru_cache(maxsize=32)
 def _compile(template: str):
-    import jinja2
+    import jinja2  # only for a model's own Jinja template (ChatML renders without it); slow to import
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # Templates come from checkpoints we did not write: render them sandboxed, as transformers does.
@@ -101,7 +101,7 @@ def render(
 
 
 def _render_raw(messages, template, add_generation_prompt, bos_token, eos_token) -> str:
-    import jinja2
+    import jinja2  # see _compile: loaded only when a Jinja template is rendered
 
     try:
         return _compile(template).render(

@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import argparse
 
+from llmlab.cliargs import add_base_argument, add_config_arguments, overrides_from
+from llmlab.outputs import add_output_argument, run_summary
+
+PRESETS = "tiny-tasks, tiny-tasks-full, tiny-tasks-quick, tiny-tasks-gentle, tiny-tasks-lora, smollm2-lora, smollm2-qlora"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -16,44 +21,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Fine-tune a base model on conversations with loss on assistant tokens only. Data: a JSON/JSONL "
             "file (Alpaca instruction/input/output, chat messages, prompt/completion or question/answer; .gz "
             "ok), a shipped set (alpaca, gsm8k, math) or 'tasks' (the verifiable task suite). Settings come "
-            "from --preset (tiny-tasks, tiny-tasks-full, tiny-tasks-quick, tiny-tasks-gentle, tiny-tasks-lora, smollm2-lora, smollm2-qlora), then "
-            "--config YAML, then key=value overrides such as max_steps=50 lora_r=16 lora_alpha=32 lr=1e-4 "
-            "replay_fraction=0.2 l2sp=1e-3 freeze_layers=2. The report shows SFT val loss, general-text "
-            "loss (forgetting) and task exact match before and after."
+            "from --preset, then --config YAML, then key=value overrides such as max_steps=50 lora_r=16 "
+            "lora_alpha=32 lr=1e-4 replay_fraction=0.2 l2sp=1e-3 freeze_layers=2. The report shows SFT val "
+            "loss, general-text loss (forgetting, flagged above forget_warn_pct) and task exact match before "
+            "and after."
         ),
     )
+    add_base_argument(p, "base model")
     p.add_argument(
-        "--base", default=None, help="base model: llmlab checkpoint dir, HF dir, .gguf, or 'smollm2'"
+        "--data", default=None, help="data file or name: alpaca, gsm8k, math, tasks (default: tasks)"
     )
-    p.add_argument("--data", default=None, help="data file or name: alpaca, gsm8k, math, tasks")
+    add_output_argument(
+        p, "run directory: adapter (lora/qlora) or final/ (full), logs, sft_report.json", resume=True
+    )
     p.add_argument(
-        "--out", required=True, help="output dir: adapter (lora/qlora) or final/ (full), logs, report"
+        "--peft",
+        choices=["none", "lora", "qlora"],
+        default=None,
+        help="what trains (default: the preset's, else none)",
     )
-    p.add_argument(
-        "--peft", choices=["none", "lora", "qlora"], default=None, help="what trains (default: preset's)"
-    )
-    p.add_argument("--preset", default=None, help="named config (see the description)")
-    p.add_argument("--config", default=None, help="YAML file of config keys applied over the preset")
+    add_config_arguments(p, PRESETS)
     p.add_argument(
         "--skip-invalid", action="store_true", help="count and skip malformed records instead of stopping"
     )
-    p.add_argument("--resume", action="store_true", help="continue from OUT/latest")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=_sft)
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from llmlab.sft.recipe import format_report, load_sft_config, run_sft
+    # torch and the trainer load here, not at import: `llmlab --help` stays instant.
+    from llmlab.recipes.sft import format_sft_report, load_sft_config, run_sft
 
-    overrides = list(args.overrides)
-    for key, value in (("base", args.base), ("data", args.data), ("peft", args.peft)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    flags = {"base": args.base, "data": args.data, "peft": args.peft}
     if args.skip_invalid:
-        overrides.append("skip_invalid=true")
-    cfg = load_sft_config(args.preset, args.config, overrides)
+        flags["skip_invalid"] = "true"
+    cfg = load_sft_config(args.preset, args.config, overrides_from(args, **flags))
     report = run_sft(cfg, args.out, resume=args.resume)
-    print(format_report(report))
-    artifact = "adapter_config.json + adapter_model.safetensors" if cfg.peft != "none" else "final/"
-    print(f"done: {artifact} and sft_report.json in {args.out}")
+    print(format_sft_report(report))
+    artefact = "adapter_config.json + adapter_model.safetensors" if cfg.peft != "none" else "final/"
+    print(run_summary(args.out, artefact, "sft_report.json", f"llmlab chat {args.out}"))
     return 0

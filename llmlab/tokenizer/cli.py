@@ -6,6 +6,8 @@ import argparse
 import json
 import time
 
+from llmlab.outputs import add_output_argument
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     tok = subparsers.add_parser(
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vocab-size", type=int, required=True, help="vocabulary size incl. bytes and special tokens"
     )
-    p.add_argument("--out", required=True, help="output directory")
+    add_output_argument(p, "output directory (tokenizer.json)")
     p.add_argument("--min-frequency", type=int, default=2, help="minimum count of a merged pair (default 2)")
     p.add_argument("--max-token-length", type=int, default=None, help="longest token in characters")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import argparse
 
+from llmlab.cliargs import add_config_arguments, overrides_from
+from llmlab.outputs import add_output_argument, run_summary
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -18,23 +21,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "'max_steps=100' when only one section has that key. Under torchrun it runs DDP/FSDP2."
         ),
     )
-    p.add_argument("--preset", default=None, help="named config: tiny (CPU, minutes) or gpt2-124m (GPU)")
-    p.add_argument("--config", default=None, help="YAML file of config keys applied over the preset")
-    p.add_argument("--out", required=True, help="run directory: checkpoints, metrics.jsonl, tb/, final/")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/latest (config saved there)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(
+        p, "tiny (CPU, minutes) or gpt2-124m (GPU); default tiny, or the run's own on --resume"
+    )
+    add_output_argument(
+        p, "run directory: checkpoints, metrics.jsonl, loss_curve.png, tb/, final/", resume=True
+    )
     p.set_defaults(func=_pretrain)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    # torch and the trainer load here, not at import: `llmlab --help` stays instant.
+    from llmlab.recipes.pretrain import load_pretrain_config, run_pretrain, saved_config
     from llmlab.train.threads import configure_cpu_threads
 
     configure_cpu_threads()
-    from llmlab.train.pretrain import load_pretrain_config, run_pretrain, saved_config
-
     base = saved_config(args.out) if args.resume else None
-    cfg = load_pretrain_config(args.preset, args.config, args.overrides, base=base)
+    cfg = load_pretrain_config(args.preset, args.config, overrides_from(args), base=base)
     metrics = run_pretrain(cfg, args.out, resume=args.resume)
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "val_loss", "val_ppl", "val_bpb")}
-    print(f"done: {shown}; final checkpoint in {args.out}/final")
+    print(f"done: {shown}")
+    print(
+        run_summary(
+            args.out,
+            "final/: the model; metrics.jsonl, loss_curve.png",
+            "pretrain_report.json",
+            f'llmlab generate {args.out} --prompt "Once upon a time" --max-tokens 64',
+        )
+    )
     return 0

@@ -1,4 +1,5 @@
-"""Training configs: :class:`TrainConfig` (the loop) and :class:`PretrainConfig` (model + loop + data).
+"""The training loop's config, :class:`TrainConfig` (pretraining's own, model + loop + data, is
+:class:`llmlab.recipes.pretrain.PretrainConfig`).
 
 Both are typed dataclasses read by :func:`llmlab.config.build_config` (preset, then YAML, then ``key=value``
 overrides), so ``llmlab pretrain --preset tiny train.max_steps=50 model.n_layers=2`` works and a misspelt key
@@ -7,11 +8,9 @@ is rejected by name.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmlab.errors import ConfigError
-from llmlab.model.config import MODEL_PRESETS, ModelConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("bf16", "fp32")
@@ -57,6 +56,7 @@ class TrainConfig:
     precision: str = "bf16"
     compile: bool = False
     peak_tflops: float | None = None  # None: measured once with a large matmul (for MFU)
+    datasheet_tflops: float | None = None  # datasheet peak for mfu_datasheet; None: by GPU name (CPU: none)
     device: str = "auto"  # auto: cuda if available, else cpu
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
     seed: int = 0
@@ -106,95 +106,3 @@ class TrainConfig:
             raise bad("'grad_clip', 'weight_decay' and 'spike_factor' must be >= 0")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise bad(f"'rollback_lr_factor' must be in (0, 1], got {self.rollback_lr_factor}")
-
-
-@dataclass
-class DataConfig:
-    """Where pretraining tokens come from.
-
-    ``dir`` is a prepared token-shard directory (``meta.json`` + ``train.bin`` + ``val.bin``). If it does not
-    exist, it is prepared from ``corpus`` (a bundled corpus name or a text file) with a BPE tokenizer of
-    ``vocab_size`` trained on it (``model.vocab_size`` is set to the tokenizer's size).
-    """
-
-    dir: str = "data/tinyshakespeare"
-    corpus: str = "tinyshakespeare"
-    vocab_size: int = 4096
-    val_fraction: float = 0.1
-    tokenizer: str | None = None  # an existing tokenizer.json / dir instead of training one
-    clean: str = "default"  # cleaning preset of llmlab.data.clean (default, light, none)
-    seed: int = 0  # of the train/val document split
-
-    def validate(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data config: 'val_fraction' must be in (0, 1), got {self.val_fraction}")
-        if self.vocab_size < 256:
-            raise ConfigError(f"data config: 'vocab_size' must be >= 256, got {self.vocab_size}")
-
-
-@dataclass
-class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-
-    def validate(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigError(
-                f"'train.seq_len' ({self.train.seq_len}) exceeds 'model.max_seq_len' ({self.model.max_seq_len})"
-            )
-
-
-def _tiny() -> PretrainConfig:
-    return PretrainConfig(
-        model=copy.deepcopy(MODEL_PRESETS["tiny"]),
-        train=TrainConfig(
-            lr=2e-3,
-            min_lr=2e-4,
-            warmup_steps=50,
-            max_steps=600,
-            batch_size=16,
-            seq_len=256,
-            eval_every=200,
-            eval_batches=16,
-            save_every=200,
-            log_every=10,
-            weight_decay=0.1,
-        ),
-        data=DataConfig(dir="data/tinyshakespeare", corpus="tinyshakespeare", vocab_size=4096),
-    )
-
-
-def _gpt2() -> PretrainConfig:
-    return PretrainConfig(
-        model=copy.deepcopy(MODEL_PRESETS["gpt2-124m"]),
-        train=TrainConfig(
-            lr=6e-4,
-            min_lr=6e-5,
-            warmup_steps=700,
-            max_steps=20000,
-            batch_size=16,
-            grad_accum_steps=32,
-            seq_len=1024,
-            eval_every=500,
-            eval_batches=50,
-            save_every=1000,
-            log_every=10,
-            compile=True,
-        ),
-        data=DataConfig(dir="data/gutenberg-gpt2", corpus="gutenberg", vocab_size=50304),
-    )
-
-
-# Named presets for ``llmlab pretrain --preset NAME``.
-PRETRAIN_PRESETS: dict[str, PretrainConfig] = {"tiny": _tiny(), "gpt2-124m": _gpt2()}
-
-
-def preference_train_config(**overrides) -> TrainConfig:
-    """Trainer defaults shared by the alignment stages (reward model, DPO-family, PPO, GRPO).
-
-    fp32 (their losses compare small log-prob differences), no weight decay (it would pull the policy away
-    from the reference), and no loss-spike guard (preference and RL losses legitimately sit near zero or jump
-    between rollout batches; NaN/inf steps are still skipped).
-    """
-    return TrainConfig(**{"weight_decay": 0.0, "spike_factor": 0.0, "precision": "fp32", **overrides})

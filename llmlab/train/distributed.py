@@ -91,6 +91,7 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     if not info.enabled:
         return model
     if parallel == "fsdp":
+        # only under torchrun with parallel=fsdp; FSDP2's API is missing from some torch builds
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -99,7 +100,7 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # only under torchrun
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     # The model's buffers (RoPE tables, ALiBi slopes, the causal mask) are constants every rank builds the same
@@ -147,6 +148,7 @@ def full_model_state(model: nn.Module, trainable_only: bool = False) -> dict[str
         # keep_vars keeps the Parameters, so frozen weights are dropped before any device-to-CPU copy.
         state = inner.state_dict(keep_vars=True)
         return {k: v.detach().cpu() for k, v in state.items() if v.requires_grad or not trainable_only}
+    # only when a process group runs (torchrun): distributed checkpoint APIs
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)

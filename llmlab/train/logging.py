@@ -5,6 +5,7 @@ Only rank 0 logs; other ranks get a disabled logger, so call sites need no rank 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -30,7 +31,7 @@ class MetricsLogger:
         self._fh = open(self.out_dir / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
 
                 self._tb = SummaryWriter(log_dir=str(self.out_dir / "tb"))
             except ImportError:  # tensorboard is a dependency, but logging must never kill a run
@@ -104,6 +105,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A (nested) dataclass config as a JSON-safe dict: what checkpoints' ``config.json`` and reports record."""
+    return json.loads(json.dumps(jsonable(dataclasses.asdict(cfg)), default=str))
+
+
 def write_report(path: str | Path, report: dict[str, Any]) -> Path:
     """Write a stage's run report as indented JSON (made safe by :func:`jsonable`), creating its folder."""
     path = Path(path)
@@ -122,7 +128,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def plot_loss_curve(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     """Train (and val, if logged) loss against step; the last logged value wins for repeated steps."""
-    import matplotlib
+    import matplotlib  # optional: only the loss plot needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from llmlab.errors import ConfigError
 from llmlab.train.config import TrainConfig
 
 
@@ -35,8 +36,6 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused where the parameters' device supports it (CPU and CUDA do in torch >= 2.4)."""
     groups = param_groups(model, cfg.weight_decay)
     if not groups:
-        from llmlab.errors import ConfigError
-
         raise ConfigError("the model has no trainable parameters")
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     try:

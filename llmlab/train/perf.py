@@ -1,7 +1,15 @@
-"""Throughput accounting: the measured matmul peak of this device, and model FLOPs utilization (MFU)."""
+"""Throughput accounting: the matmul peak of this device, measured and from the datasheet, and model FLOPs
+utilization (MFU) against each.
+
+The anchors (nanoGPT, PaLM, Megatron) report MFU against the datasheet's dense bf16 peak; a measured peak is
+lower, so the same run shows a higher MFU against it. The Trainer logs both: ``mfu`` (measured matmul peak)
+and ``mfu_datasheet`` (when the device's datasheet peak is known or given as ``train.datasheet_tflops``).
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import torch
@@ -44,6 +52,34 @@ def measure_peak_tflops(
     return _PEAK_CACHE[key]
 
 
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' datasheets; matched by substring
+# of torch.cuda.get_device_name(), most specific first. fp32 matmuls on these GPUs run as TF32 at half the rate.
+DATASHEET_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10G", 70.0),
+    ("RTX 4090", 165.0),
+    ("V100", 125.0),
+)
+
+
+def datasheet_peak_tflops(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The datasheet matmul peak of a CUDA ``device`` in TFLOP/s (fp32: its TF32 rate, half the bf16 one), or
+    None when unknown (CPUs: vendors publish no comparable figure)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS:
+        if key in name:
+            return tflops if dtype in (torch.bfloat16, torch.float16) else tflops / 2
+    return None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -76,12 +112,9 @@ def retain_freed_cpu_memory() -> bool:
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return True
-    import os
-    import sys
-
     if not sys.platform.startswith("linux") or os.environ.get("LLMLAB_KEEP_MALLOC") == "1":
         return False
-    import ctypes
+    import ctypes  # only here: glibc's mallopt, looked up at run time
     import ctypes.util
 
     try:

@@ -24,95 +24,29 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from llmlab.errors import CheckpointError
+from llmlab.losses.lm import MODEL_KWARGS, LossFn, LossOutput, causal_lm_loss
+from llmlab.model.transformer import flops_per_token
 from llmlab.train import distributed as dist_utils
 from llmlab.train import state as st
+from llmlab.train.checkpointing import CheckpointMixin
 from llmlab.train.config import TrainConfig
-from llmlab.train.fused_ce import fused_linear_cross_entropy, logits_cross_entropy
 from llmlab.train.logging import PLOT_FILE, MetricsLogger, plot_loss_curve
 from llmlab.train.optim import build_optimizer, lr_at
-from llmlab.train.perf import measure_peak_tflops, mfu, retain_freed_cpu_memory
+from llmlab.train.perf import datasheet_peak_tflops, measure_peak_tflops, mfu, retain_freed_cpu_memory
 
-
-@dataclass
-class LossOutput:
-    """What a loss function returns for one micro-batch (see the module docstring)."""
-
-    loss_sum: Tensor
-    weight: float
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-LossFn = Callable[[nn.Module, dict[str, Tensor]], LossOutput]
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
-MODEL_KWARGS = ("positions", "segment_ids", "attention_mask")
+__all__ = ["MODEL_KWARGS", "EvalFn", "LossFn", "LossOutput", "Trainer", "causal_lm_loss"]
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
-    """Next-token cross-entropy summed over ``labels != -100`` (labels are already shifted by the loader).
-
-    For an llmlab Transformer with a plain output head (one process or DDP) the head matmul and the loss are
-    fused and chunked (:mod:`llmlab.train.fused_ce`). Otherwise (FSDP, an adapted or quantized head) full
-    logits go through ``F.cross_entropy``; inside ``torch.compile``, which fuses the plain path itself, they go
-    through :func:`~llmlab.train.fused_ce.logits_cross_entropy`, whose backward inductor fuses into one pass.
-    """
-    kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
-    labels = batch["labels"]
-    weight = None if torch.compiler.is_compiling() else _plain_head_weight(model)
-    if weight is not None:
-        hidden = model(batch["input_ids"], return_hidden=True, **kwargs)
-        loss_sum = fused_linear_cross_entropy(
-            hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1)
-        )
-    else:
-        logits = model(batch["input_ids"], **kwargs)
-        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
-        if torch.compiler.is_compiling():
-            loss_sum = logits_cross_entropy(flat_logits, flat_labels)
-        else:
-            loss_sum = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
-    return LossOutput(loss_sum, float((labels != -100).sum()))
-
-
-def _plain_head_weight(model: nn.Module) -> Tensor | None:
-    """The output-head weight when ``model`` computes logits as ``hidden @ weight.T`` and nothing else."""
-    from llmlab.model.transformer import Transformer
-
-    inner = dist_utils.unwrap(model)
-    if not isinstance(inner, Transformer) or hasattr(inner, "reshard"):  # FSDP2 modules have .reshard()
-        return None
-    head = inner.lm_head
-    if head is None:
-        weight = inner.embed_tokens.weight
-    elif type(head) is nn.Linear and head.bias is None:
-        weight = head.weight
-    else:
-        return None  # LoRA / quantized / biased heads keep their own forward
-    if type(weight) is not nn.Parameter and type(weight) is not Tensor:  # DTensor or a quantized tensor
-        return None
-    return weight
-
-
-class _StateView:
-    """Duck-types the parts of a Transformer that ``save_checkpoint`` reads, over a gathered state dict."""
-
-    def __init__(self, cfg: Any, state: dict[str, Tensor]):
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return self._state
-
-
-class Trainer:
+class Trainer(CheckpointMixin):
     """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``train_source`` (see the module docstring).
 
     Under ``torchrun`` the trainer joins the process group, wraps the model in DDP or FSDP2 and logs and saves
@@ -340,15 +274,25 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------- the run
-    def fit(self) -> dict[str, float]:
-        """Train until ``max_steps``; evaluate, log and checkpoint on the way; save ``out/final``."""
+    def fit(
+        self,
+        on_eval: Callable[[dict[str, float]], None] | None = None,
+        should_stop: Callable[[int], bool] | None = None,
+        save_final: Callable[[], Path | None] | None = None,
+    ) -> dict[str, float]:
+        """Train until ``max_steps``; evaluate, log and checkpoint on the way; save ``out/final``.
+
+        Hooks let a stage shape the run without rebuilding this loop: ``on_eval(metrics)`` sees every
+        evaluation's metrics (the periodic ones and the final one); ``should_stop(step)``, asked after each step's
+        evaluation and checkpoint, ends training early (logged as an ``early_stop`` event; the final
+        evaluation and save still run); ``save_final()`` replaces :meth:`save_final` as the run's artefact
+        (e.g. a LoRA adapter instead of a full checkpoint).
+        """
         cfg = self.cfg
         if self.step == 0:
             self.logger.reset()  # a new run: don't mix in the metrics of an earlier run in this directory
         bar = None
         if self.dist.is_main and cfg.progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         window_tokens, window_time, window_losses = 0.0, 0.0, []
         try:
@@ -375,41 +319,57 @@ class Trainer:
                     self.logger.log(self.step, m)
                     self.last_metrics.update(m)
                     if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{m['loss']:.3f}",
-                            tok_s=f"{m['tokens_per_s']:.0f}",
-                            mfu=f"{100 * m['mfu']:.1f}%",
-                        )
+                        bar.set_postfix(self._progress_fields(m))
                     window_tokens, window_time, window_losses = 0.0, 0.0, []
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
-                    self.evaluate()
+                    self._evaluate_and_report(on_eval)
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save()
+                if should_stop is not None and self.step < cfg.max_steps and should_stop(self.step):
+                    self.logger.event(self.step, "early_stop")
+                    break
         finally:
             if bar is not None:
                 bar.close()
-        self.evaluate()
+        self._evaluate_and_report(on_eval)
         if self.out_dir is not None:
             self.save()
-            self.save_final()
+            (save_final or self.save_final)()
             if cfg.plot and self.dist.is_main and self.logger.path is not None and self.logger.path.exists():
                 plot_loss_curve(self.logger.path, self.out_dir / PLOT_FILE)
         self.logger.close()
         return dict(self.last_metrics)
 
+    @staticmethod
+    def _progress_fields(m: dict[str, float]) -> dict[str, str]:
+        """The progress bar's fields; each MFU labelled by its peak (measured matmul / datasheet)."""
+        fields = {"loss": f"{m['loss']:.3f}", "tok_s": f"{m['tokens_per_s']:.0f}"}
+        fields["mfu_measured_peak"] = f"{100 * m['mfu']:.1f}%"
+        if "mfu_datasheet" in m:
+            fields["mfu_datasheet_peak"] = f"{100 * m['mfu_datasheet']:.1f}%"
+        return fields
+
     def _throughput(self, tokens: float, seconds: float, batches: list[dict]) -> dict[str, float]:
+        """tokens/s and MFU against the measured matmul peak (``mfu``) and, when known, the datasheet peak
+        (``mfu_datasheet``, the figure the anchors report)."""
         tps = tokens / seconds if seconds > 0 else 0.0
         out = {"tokens_per_s": tps, "mfu": 0.0}
         model_cfg = getattr(self.unwrapped, "cfg", None)
         if model_cfg is not None and batches and "input_ids" in batches[0]:
-            from llmlab.model.transformer import flops_per_token
-
+            dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
             if self._peak is None:
-                dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float32
                 self._peak = measure_peak_tflops(self.device, dtype)
             fpt = flops_per_token(model_cfg, int(batches[0]["input_ids"].shape[1]), training=True)
             out["mfu"] = mfu(tps, fpt, self._peak, self.dist.world_size)
+            sheet = self.cfg.datasheet_tflops or datasheet_peak_tflops(self.device, dtype)
+            if sheet:
+                out["mfu_datasheet"] = mfu(tps, fpt, sheet, self.dist.world_size)
         return out
+
+    def _evaluate_and_report(self, on_eval: Callable[[dict[str, float]], None] | None) -> None:
+        metrics = self.evaluate()
+        if on_eval is not None and self.eval_fn is not None:
+            on_eval(metrics)
 
     def evaluate(self) -> dict[str, float]:
         """Run ``eval_fn`` (on every rank: FSDP needs all of them) and log its metrics under ``val``."""
@@ -426,134 +386,6 @@ class Trainer:
         )
         return metrics
 
-    # ------------------------------------------------------------------------------- checkpoints
-    def trainer_state(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "lr_scale": self.lr_scale,
-            "tokens_seen": self.tokens_seen,
-            "loss_history": list(self.loss_history),
-            "bad_steps_in_row": self.bad_steps_in_row,
-            "data": self.train_source.state_dict() if hasattr(self.train_source, "state_dict") else {},
-            "rng": st.rng_state(),
-            "world_size": self.dist.world_size,
-            "train_config": asdict(self.cfg),
-        }
-
-    def _has_frozen(self) -> bool:
-        """Whether some parameters are frozen (LoRA, QLoRA, frozen layers): resume checkpoints then hold only
-        the trainable ones, since the caller rebuilds the frozen base before resuming."""
-        return any(not p.requires_grad for p in self.unwrapped.parameters())
-
-    def _gather(self, trainable_only: bool = False) -> tuple[dict[str, Tensor], dict]:
-        """Full model (or only trainable) and optimizer state (collective under FSDP)."""
-        model_state = dist_utils.full_model_state(self.wrapped, trainable_only=trainable_only)
-        optim_state = dist_utils.full_optimizer_state(self.wrapped, self.optimizer)
-        return model_state, optim_state
-
-    def save(self) -> Path | None:
-        """Write ``out/ckpt-STEP/`` (model, tokenizer, optimizer, RNG, data position) and ``out/latest``.
-
-        With frozen parameters the weights file is ``trainable.safetensors`` with the trainable tensors only
-        (see :mod:`llmlab.train.state`).
-        """
-        if self.out_dir is None:
-            return None
-        from llmlab.model.checkpoint import TRAINABLE_ONLY_KEY, WEIGHTS_FILE, save_checkpoint
-
-        partial = self._has_frozen()
-        model_state, optim_state = self._gather(trainable_only=partial)
-        path = self.out_dir / st.ckpt_name(self.step)
-        if self.dist.is_main:
-            trainer_state = self.trainer_state()
-            view = _StateView(self.unwrapped.cfg, model_state)
-            extra = {**self.extra_config, "train": asdict(self.cfg), "step": self.step}
-            if partial:
-                extra[TRAINABLE_ONLY_KEY] = True
-            save_checkpoint(
-                path,
-                view,
-                self.tokenizer,
-                extra_config=extra,
-                extra_files=lambda d: st.write_training_state(d, optim_state, trainer_state),
-                weights_file=st.TRAINABLE_FILE if partial else WEIGHTS_FILE,
-            )
-            st.write_latest(self.out_dir, path.name)
-            st.prune_checkpoints(self.out_dir, self.cfg.keep_last, protect=path)
-            self.logger.event(self.step, "checkpoint", path=str(path))
-        dist_utils.barrier()
-        return path
-
-    def save_final(self) -> Path | None:
-        """``out/final/``: a plain llmlab checkpoint (model + tokenizer) for ``llmlab.load``."""
-        if self.out_dir is None:
-            return None
-        from llmlab.model.checkpoint import save_checkpoint
-
-        model_state = dist_utils.full_model_state(self.wrapped)
-        path = self.out_dir / "final"
-        if self.dist.is_main:
-            extra = {**self.extra_config, "train": asdict(self.cfg), "step": self.step}
-            save_checkpoint(
-                path, _StateView(self.unwrapped.cfg, model_state), self.tokenizer, extra_config=extra
-            )
-        dist_utils.barrier()
-        return path
-
-    def resume(self, path: str | Path | None = None) -> bool:
-        """Continue from ``path`` or from ``out/latest``; returns False when there is nothing to resume."""
-        if path is None:
-            if self.out_dir is None:
-                return False
-            path = st.find_latest(self.out_dir)
-            if path is None:
-                return False
-        self.load(path)
-        if self.dist.is_main:
-            print(f"[llmlab] resumed from {path} at step {self.step}")
-        return True
-
-    def load(self, path: str | Path, restore_data: bool = True, restore_rng: bool = True) -> None:
-        """Load model, optimizer and loop state from a checkpoint dir (any world size wrote it).
-
-        A trainable-only checkpoint (a run with frozen parameters) must match this model's trainable
-        parameters exactly; the frozen ones are left as the caller built them.
-        """
-        from llmlab.model.checkpoint import TRAINABLE_ONLY_KEY, WEIGHTS_FILE, load_state_dict, read_config
-
-        path = Path(path)
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: checkpoint directory not found")
-        trainer_state, optim_state = st.read_training_state(path)
-        partial = bool(read_config(path).get(TRAINABLE_ONLY_KEY))
-        weights = path / (st.TRAINABLE_FILE if partial else WEIGHTS_FILE)
-        model_state = load_state_dict(weights)
-        if partial:
-            own = {n: tuple(p.shape) for n, p in self.unwrapped.named_parameters() if p.requires_grad}
-            hint = (
-                f" (this checkpoint holds only the {len(model_state)} trainable tensors of its run: build the "
-                "same model, base + adapters + frozen layers, before resuming)"
-            )
-        else:
-            own = {k: tuple(v.shape) for k, v in self.unwrapped.state_dict().items()}
-            hint = ""
-        _check_names(own, model_state, str(weights), hint)
-        try:
-            dist_utils.load_full_state(
-                self.wrapped, self.optimizer, model_state, optim_state, strict=not partial
-            )
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot load training state ({exc})") from exc
-        self.step = int(trainer_state["step"])
-        self.lr_scale = float(trainer_state.get("lr_scale", 1.0))
-        self.tokens_seen = int(trainer_state.get("tokens_seen", 0))
-        self.loss_history = deque(trainer_state.get("loss_history", []), maxlen=self.cfg.spike_window)
-        self.bad_steps_in_row = int(trainer_state.get("bad_steps_in_row", 0))
-        if restore_data and trainer_state.get("data") and hasattr(self.train_source, "load_state_dict"):
-            self.train_source.load_state_dict(trainer_state["data"])
-        if restore_rng:
-            st.set_rng_state(trainer_state["rng"])
-
 
 def _count_tokens(batch: dict[str, Any]) -> int:
     """Tokens a micro-batch feeds the model: every ``*input_ids`` tensor (e.g. chosen + rejected for DPO)."""
@@ -562,50 +394,3 @@ def _count_tokens(batch: dict[str, Any]) -> int:
 
 def _foreach_ok(tensors: list[Tensor]) -> bool:
     return not any(hasattr(t, "full_tensor") for t in tensors)  # DTensor grads: use per-tensor ops
-
-
-def _check_names(
-    own: dict[str, tuple[int, ...]], state: dict[str, Tensor], source: str, hint: str = ""
-) -> None:
-    """Name/shape check against ``own`` (name -> global shape, so sharded params work too) with an error
-    naming the first bad tensor."""
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor '{missing[0]}' ({len(missing)} missing){hint}")
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected){hint}"
-        )
-    for k, shape in own.items():
-        if tuple(state[k].shape) != shape:
-            raise CheckpointError(
-                f"{source}: tensor '{k}' has shape {tuple(state[k].shape)}, expected {shape}{hint}"
-            )
-
-
-def make_eval_fn(
-    batches: Callable[[], Any],
-    loss_fn: LossFn | None = None,
-    bytes_per_token: float | None = None,
-    device: torch.device | str | None = None,
-) -> EvalFn:
-    """An eval function: weighted mean of ``loss_fn`` over ``batches()``, as loss, perplexity and (when
-    ``bytes_per_token`` is known) bits per byte = nats/token / ln 2 x tokens/byte."""
-    loss_fn = loss_fn or causal_lm_loss
-
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        dev = device if device is not None else next(model.parameters()).device
-        total, weight = 0.0, 0.0
-        for batch in batches():
-            batch = {k: (v.to(dev) if isinstance(v, Tensor) else v) for k, v in batch.items()}
-            out = loss_fn(model, batch)
-            total += float(out.loss_sum.detach())
-            weight += float(out.weight)
-        loss = total / weight if weight > 0 else float("nan")
-        metrics = {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
-        if bytes_per_token:
-            metrics["bpb"] = loss / math.log(2) / bytes_per_token
-        return metrics
-
-    return evaluate

@@ -1,6 +1,6 @@
 """Offline preference optimization: DPO, IPO, KTO, ORPO and SimPO through the shared trainer.
 
-``llmlab align --loss dpo --model ckpt/ --data tasks`` (or :func:`run_offline`):
+``llmlab align --loss dpo --base ckpt/ data=[tasks]`` (or :func:`run_offline`):
 
 1. load the policy (and its tokenizer), optionally wrap it with LoRA;
 2. tokenize the preference pairs (:mod:`llmlab.align.data`) and hold some out;
@@ -9,7 +9,7 @@
    adapter disabled (:func:`llmlab.model.lora.disable_adapter`), so no second copy of the model is ever held;
    without LoRA the cache is filled before the first step, so no copy is needed either. A different reference
    checkpoint can be given with ``ref=...`` (loaded, used, freed);
-4. train with the loss of ``--loss`` (pure functions in :mod:`llmlab.align.losses`), logging the implicit
+4. train with the loss of ``--loss`` (pure functions in :mod:`llmlab.losses`), logging the implicit
    rewards of chosen/rejected responses, reward accuracy, margins and the sequence log-ratio to the reference.
 
 ORPO and SimPO are reference-free (no cache). ORPO adds the chosen response's length-averaged NLL to its
@@ -18,7 +18,6 @@ odds-ratio term, per pair.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -27,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from llmlab.align import losses as L
 from llmlab.align.data import (
     DataStats,
     EncodedPair,
@@ -39,16 +39,31 @@ from llmlab.align.data import (
     load_pairs,
     split_pairs,
 )
+from llmlab.align.reward_model import check_same_tokenizer
 from llmlab.align.rollout import OnPolicyConfig, gather_pairs
 from llmlab.errors import ConfigError
-from llmlab.model.lora import LoRAConfig
-from llmlab.train.config import TrainConfig, preference_train_config
+from llmlab.losses import (
+    PREFERENCE_OBJECTIVES,
+    LossOutput,
+    PreferenceBatch,
+    PreferenceOptions,
+    preference_metrics,
+    token_logps,
+)
+from llmlab.model.checkpoint import atomic_write_file
+from llmlab.model.lora import LoRAConfig, disable_adapter
+from llmlab.recipes.common import load_policy, preference_train_config, prepare_policy, save_policy
+from llmlab.train import Trainer
+from llmlab.train.config import TrainConfig
 from llmlab.train.distributed import model_device, to_device
+from llmlab.train.evaluation import evaluate_loss
+from llmlab.train.logging import config_dict, write_report
 
-LOSSES = ("dpo", "dpop", "ipo", "kto", "orpo", "simpo")
-DEFAULT_BETA = {"dpo": 0.1, "dpop": 0.1, "ipo": 0.1, "kto": 0.1, "orpo": 0.1, "simpo": 2.0}
-REFERENCE_FREE = ("orpo", "simpo")
+LOSSES = tuple(PREFERENCE_OBJECTIVES)
+# The reference-free objectives (no cached reference log-probs), as each objective declares.
+REFERENCE_FREE = tuple(name for name, o in PREFERENCE_OBJECTIVES.items() if o.reference_free)
 REF_CACHE_FILE = "ref_logps.safetensors"
+REPORT_FILE = "align_report.json"
 # What run_offline reports per round when rounds > 1.
 ROUND_SUMMARY_KEYS = (
     "onpolicy_sample_accuracy",
@@ -124,13 +139,13 @@ class AlignConfig:
 
     @property
     def beta_value(self) -> float:
-        return self.beta if self.beta is not None else DEFAULT_BETA[self.loss]
+        return self.beta if self.beta is not None else PREFERENCE_OBJECTIVES[self.loss].default_beta
 
 
 ALIGN_PRESETS: dict[str, AlignConfig] = {
     # Iterative DPO of the tiny SFT model (pass model=...) on its own verifier-judged samples of task-suite
     # prompts, with the chosen response's NLL added (rpo_alpha): 3 rounds of sample -> 300 steps, ~10 CPU
-    # minutes. One round at lr 1e-4 (the session-1 preset) lost more held-out answers than it fixed.
+    # minutes (history: BENCHMARKS.md, "Preset run histories").
     "tiny-dpo": AlignConfig(
         data=["onpolicy:tasks"],
         loss="dpo",
@@ -164,7 +179,7 @@ ALIGN_PRESETS: dict[str, AlignConfig] = {
 def sequence_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
     """Summed response log-probs ``[N]`` and response token counts ``[N]`` of a padded batch."""
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
-    tok = L.token_logps(logits, batch["labels"])
+    tok = token_logps(logits, batch["labels"])
     return tok.sum(-1), (batch["labels"] != -100).sum(-1).to(tok.dtype)
 
 
@@ -177,8 +192,6 @@ def compute_reference_logps(
     For :class:`PairSource` the two are (chosen, rejected); for :class:`UnpairedSource` (example, its KL
     completion). Runs once; with a LoRA model, call it inside ``disable_adapter(model)``.
     """
-    from tqdm.auto import tqdm
-
     device = model_device(model)
     was = model.training
     model.eval()
@@ -208,10 +221,6 @@ def cached_reference(
 ) -> Tensor:
     """Reference log-probs from ``cache_dir/ref_logps.safetensors`` when it was computed for the same data and
     reference, else computed (adapter disabled under LoRA) and stored there."""
-    from safetensors.torch import load_file, save_file
-
-    from llmlab.model.lora import disable_adapter
-
     key = f"{tag}-{_fingerprint(list(source.pairs), type(source).__name__)}"
     path = cache_dir / REF_CACHE_FILE if cache_dir is not None else None
     if path is not None and path.is_file():
@@ -224,8 +233,6 @@ def cached_reference(
     else:
         ref = compute_reference_logps(model, source, batch_size)
     if path is not None:
-        from llmlab.model.checkpoint import atomic_write_file
-
         stored = load_file(str(path)) if path.is_file() else {}
         stored[key] = ref.contiguous()
         atomic_write_file(path, lambda tmp: save_file(stored, str(tmp)))
@@ -235,73 +242,49 @@ def cached_reference(
 # --------------------------------------------------------------------------------------- losses
 def make_offline_loss(cfg: AlignConfig):
     """``loss_fn(model, batch) -> LossOutput`` for ``cfg.loss``: per-pair (or per-example) loss sum, weight =
-    number of pairs (examples), plus logging metrics."""
-    beta, kind = cfg.beta_value, cfg.loss
+    number of pairs (examples), plus logging metrics. What the objective needs (a reference, pairs or
+    unpaired examples) is what it declares in :data:`llmlab.losses.PREFERENCE_OBJECTIVES`."""
+    objective = PREFERENCE_OBJECTIVES[cfg.loss]
+    options = PreferenceOptions(
+        beta=cfg.beta_value,
+        label_smoothing=cfg.label_smoothing,
+        dpop_lambda=cfg.dpop_lambda,
+        simpo_gamma=cfg.simpo_gamma,
+        kto_desirable_weight=cfg.kto_desirable_weight,
+        kto_undesirable_weight=cfg.kto_undesirable_weight,
+    )
 
-    def loss_fn(model: nn.Module, batch: dict[str, Tensor]):
-        from llmlab.train import LossOutput
-
+    def loss_fn(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
         sums, counts = sequence_logps(model, batch)
         B = sums.shape[0] // 2
-        metrics: dict[str, float] = {}
-        if kind == "kto":
-            ref = batch["ref_logps"]
-            pol, kl_pol = sums[:B], sums[B:]
-            z0 = L.kto_kl_estimate(kl_pol, ref[B:])
-            desirable = batch["desirable"]
-            losses = L.kto_loss(
-                pol, ref[:B], desirable, z0, beta, cfg.kto_desirable_weight, cfg.kto_undesirable_weight
-            )
-            r = L.implicit_rewards(pol, ref[:B], beta)
-            metrics["kl"] = float(z0)
-            if desirable.any():
-                metrics["rewards_desirable"] = float(r[desirable].mean())
-            if (~desirable).any():
-                metrics["rewards_undesirable"] = float(r[~desirable].mean())
+        ref = None if objective.reference_free else batch["ref_logps"]
+        pairs = PreferenceBatch(
+            sums[:B],
+            sums[B:],
+            counts[:B],
+            counts[B:],
+            ref_chosen=None if ref is None else ref[:B],
+            ref_rejected=None if ref is None else ref[B:],
+            desirable=batch.get("desirable"),
+        )
+        out = objective.compute(pairs, options)
+        losses, metrics = out.losses, dict(out.metrics)
+        if objective.unpaired:
             return LossOutput(losses.sum(), float(B), metrics)
-        pc, pr, nc, nr = sums[:B], sums[B:], counts[:B], counts[B:]
-        if kind in REFERENCE_FREE:
-            ac, ar = pc / nc.clamp(min=1), pr / nr.clamp(min=1)
-            if kind == "simpo":
-                losses = L.simpo_loss(ac, ar, beta, cfg.simpo_gamma)
-            else:
-                or_term = L.orpo_loss(ac, ar, beta)
-                losses = -ac + or_term  # chosen NLL (length-averaged) + odds-ratio term
-                metrics["orpo_or"] = float(or_term.detach().mean())
-                metrics["nll"] = float(-ac.detach().mean())
-            rc, rr = (beta * ac).detach(), (beta * ar).detach()
-        else:
-            ref = batch["ref_logps"]
-            refc, refr = ref[:B], ref[B:]
-            if kind == "dpo":
-                losses = L.dpo_loss(pc, pr, refc, refr, beta, cfg.label_smoothing)
-            elif kind == "dpop":
-                losses = L.dpop_loss(pc, pr, refc, refr, beta, cfg.dpop_lambda)
-            else:
-                losses = L.ipo_loss(pc / nc, pr / nr, refc / nc, refr / nr, beta)
+        if ref is not None:
             if cfg.rpo_alpha:
                 # DPO lowers both responses' likelihoods; an NLL term on the chosen one stops the chosen answer
                 # itself from becoming unlikely (Pang et al. 2024, "iterative RPO").
-                nll = -pc / nc.clamp(min=1)
+                nll = -pairs.chosen / pairs.chosen_tokens.clamp(min=1)
                 losses = losses + cfg.rpo_alpha * nll
                 metrics["nll"] = float(nll.detach().mean())
-            rc, rr = L.implicit_rewards(pc, refc, beta), L.implicit_rewards(pr, refr, beta)
             # Sequence log-ratio to the reference on the data's responses (an offline proxy for the KL).
-            metrics["logratio_ref"] = float(((pc - refc) + (pr - refr)).detach().mean() / 2)
-        metrics.update(preference_metrics(rc, rr))
+            gap = (pairs.chosen - pairs.ref_chosen) + (pairs.rejected - pairs.ref_rejected)
+            metrics["logratio_ref"] = float(gap.detach().mean() / 2)
+        metrics.update(preference_metrics(out.rewards_chosen, out.rewards_rejected))
         return LossOutput(losses.sum(), float(B), metrics)
 
     return loss_fn
-
-
-def preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict[str, float]:
-    margin = chosen_rewards - rejected_rewards
-    return {
-        "rewards_chosen": float(chosen_rewards.mean()),
-        "rewards_rejected": float(rejected_rewards.mean()),
-        "reward_accuracy": float((margin > 0).float().mean()),
-        "reward_margin": float(margin.mean()),
-    }
 
 
 def make_offline_eval(cfg: AlignConfig, source: PairSource):
@@ -309,56 +292,12 @@ def make_offline_eval(cfg: AlignConfig, source: PairSource):
     loss_fn = make_offline_loss(cfg)
 
     def eval_fn(model: nn.Module) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        weight = 0.0
-        device = model_device(model)
-        for batch in source.iterate(cfg.eval_batch_size):
-            batch = to_device(batch, device)
-            out = loss_fn(model, batch)
-            weight += out.weight
-            totals["loss"] = totals.get("loss", 0.0) + float(out.loss_sum)
-            for k, v in out.metrics.items():
-                totals[k] = totals.get(k, 0.0) + v * out.weight
-        return {k: v / weight for k, v in totals.items()}
+        return evaluate_loss(model, source.iterate(cfg.eval_batch_size), loss_fn)
 
     return eval_fn
 
 
 # ------------------------------------------------------------------------------------------ runner
-def load_policy(path: str, device: str = "cpu") -> tuple[nn.Module, Any]:
-    """A model and tokenizer from an llmlab checkpoint, an HF dir, a GGUF file (``llmlab.load``) or ``smollm2``,
-    on ``device`` (a ``TrainConfig.device`` name: pass the stage's own, so that rollouts, cached reference
-    log-probs and frozen copies are made where the Trainer will train)."""
-    if not path:
-        raise ConfigError("config key 'model' is required: the checkpoint to start from")
-    from llmlab.sft.recipe import load_base
-    from llmlab.train.distributed import local_device
-
-    model, tok = load_base(path)
-    if tok is None:
-        raise ConfigError(f"{path}: has no tokenizer; preference training needs one")
-    return model.to(local_device(device)), tok
-
-
-def prepare_policy(model: nn.Module, use_lora: bool, lora: Any, frozen_reference: bool) -> nn.Module | None:
-    """Switch the policy's dropout off, wrap it with LoRA if asked and return its frozen reference copy, or None.
-
-    Under LoRA there is never a copy: the reference is the same model with its adapter disabled. Dropout goes
-    (as TRL's ``disable_dropout`` does by default): the reference, the rollout engine and the old-policy
-    log-probs all run without it, so a policy trained with it compares its noisy log-probs to clean ones; the
-    demo base was pretrained with dropout 0.1. LoRA's own dropout (``lora.dropout``) is kept.
-    """
-    from llmlab.sft.recipe import set_dropout
-
-    set_dropout(model, 0.0)
-    if use_lora:
-        from llmlab.model.lora import apply_lora
-
-        apply_lora(model, lora)
-        return None
-    return copy.deepcopy(model).eval().requires_grad_(False) if frozen_reference else None
-
-
 def build_sources(
     cfg: AlignConfig, tokenizer: Any, stats: DataStats, model: nn.Module | None = None
 ) -> tuple[PairSource, PairSource]:
@@ -387,8 +326,6 @@ def attach_reference(
     if cfg.loss in REFERENCE_FREE:
         return
     if cfg.ref is not None:
-        from llmlab.align.reward_model import check_same_tokenizer
-
         ref_model, ref_tok = load_policy(cfg.ref, cfg.train.device)
         check_same_tokenizer(tokenizer, ref_tok, f"reference {cfg.ref}")
         ref_model.to(next(model.parameters()).device)
@@ -407,8 +344,9 @@ def attach_reference(
 def run_offline(
     cfg: AlignConfig, out_dir: str | Path | None = None, model=None, tokenizer=None
 ) -> dict[str, Any]:
-    """The whole ``llmlab align`` run; returns the final metrics (plus data statistics). With ``rounds`` > 1
-    the last round's metrics, and ``rounds_summary``: each round's pair statistics and held-out metrics."""
+    """The whole ``llmlab align`` run; returns the final metrics (plus data statistics), also written to
+    ``OUT/align_report.json``. With ``rounds`` > 1 the last round's metrics, and ``rounds_summary``: each
+    round's pair statistics and held-out metrics."""
     cfg.validate()
     if model is None:
         model, tokenizer = load_policy(cfg.model, cfg.train.device)
@@ -427,14 +365,14 @@ def run_offline(
         summary.append({"round": r + 1, **{k: metrics[k] for k in ROUND_SUMMARY_KEYS if k in metrics}})
     if cfg.rounds > 1:
         metrics["rounds_summary"] = summary
+    if out is not None:
+        write_report(out / REPORT_FILE, metrics)
     return metrics
 
 
 def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
     """One round: pairs (sampled from ``model`` now, for onpolicy: sources), the reference cache (``model`` as
     it is now, or ``cfg.ref``), then ``cfg.train.max_steps`` Trainer steps on ``model``."""
-    from llmlab.train import Trainer
-
     stats = DataStats()
     train_src, held_src = build_sources(cfg, tokenizer, stats, model)
     if out is not None:
@@ -449,13 +387,11 @@ def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer
         eval_fn=eval_fn,
         tokenizer=tokenizer,
         out_dir=out,
-        extra_config={"align": _jsonable(cfg)},
+        extra_config={"align": config_dict(cfg)},
     )
     metrics = trainer.fit()
     if cfg.use_lora and out is not None:
-        from llmlab.model.lora import save_adapter
-
-        save_adapter(model, out / "adapter", base_model=cfg.model or None)
+        save_policy(model, tokenizer, out / "adapter", adapter=True, base=cfg.model)
     metrics = dict(metrics)
     metrics.update(
         {
@@ -467,7 +403,3 @@ def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer
         }
     )
     return metrics
-
-
-def _jsonable(cfg: Any) -> dict[str, Any]:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
