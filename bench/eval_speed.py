@@ -37,7 +37,7 @@ from lm_eval_compare import run_lm_eval, write_tasks  # noqa: E402
 
 def transformers_scorer(hf_dir: str, limit: int | None) -> tuple[dict, float]:
     """One padded row per request through transformers, 16 requests per forward (lm-eval's batching)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # the peer: imported only for this measurement
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     _, tok = load(hf_dir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import gzip
 import json
 import os
 import subprocess
@@ -138,8 +139,6 @@ def write_tasks(out: Path) -> None:
         "  - name: flexible-extract\n    filter:\n      - function: regex\n        group_select: -1\n"
         '        regex_pattern: "(-?[$0-9.,]{2,})|(-?[0-9]+)"\n      - function: take_first\n'
     )
-    import gzip
-
     for split, src in (
         ("test", EVAL_ASSETS / "gsm8k_test.jsonl.gz"),
         ("train", EVAL_ASSETS.parent / "sft" / "gsm8k_train.jsonl.gz"),

@@ -35,7 +35,7 @@ def test_param_delta_groups_layers_and_shares():
     assert set(d["param_delta"]["norms"]) == {"1", "-"}  # the final norm sits outside the blocks
     assert d["attention_share"] == pytest.approx(2 / 6) and d["ffn_share"] == pytest.approx(4 / 6)
     assert d["moved_fraction"] == pytest.approx(3 / 24)
-    assert "up 1" in P.summary_line(d) and "attention holds 33%" in P.summary_line(d)
+    assert "up 1" in P.summary_line(d) and "attention holds 33%, the FFN 67%" in P.summary_line(d)
 
 
 def test_effective_rank_of_known_spectra():

@@ -156,7 +156,8 @@ def summary_line(delta: dict[str, Any]) -> str:
     top = sorted(totals, key=totals.get, reverse=True)[:3]
     moved = ", ".join(f"{g} {totals[g]:.3g}" for g in top)
     return (
-        f"moved most (relative ||dW||/||W||): {moved}; attention holds {100 * delta['attention_share']:.0f}% "
-        f"and the FFN {100 * delta['ffn_share']:.0f}% of the squared update; "
+        f"moved most (relative ||dW||/||W||): {moved}; of the squared update, attention holds "
+        f"{100 * delta['attention_share']:.0f}%, the FFN {100 * delta['ffn_share']:.0f}% and the embeddings "
+        f"{100 * delta['update_share'].get('embeddings', 0.0):.0f}%; "
         f"{100 * delta['moved_fraction']:.1f}% of the weights changed"
     )

@@ -22,6 +22,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,8 +55,6 @@ def python_for_sandbox() -> str:
     for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
         if os.path.exists(candidate):
             return candidate
-    import sys  # fallback only: the current interpreter
-
     return sys.executable
 
 

@@ -116,7 +116,7 @@ def _tiny() -> PipelineConfig:
     pre.train = TrainConfig(
         **{
             **vars(pre.train),
-            "max_steps": 500,
+            "max_steps": 400,  # 150 steps already beat gzip/xz (1.38 vs 2.34 bits/byte); SFT needs the time more
             "warmup_steps": 40,
             "lr": 2e-3,
             "min_lr": 1e-4,
@@ -136,12 +136,12 @@ def _tiny() -> PipelineConfig:
         task_eval_per_task=0,  # the eval stage measures every model the same way
         train=sft_train_config(
             lr=1e-3,
-            max_steps=600,
+            max_steps=800,
             warmup_steps=30,
             batch_size=16,
             seq_len=128,
-            eval_every=150,
-            save_every=150,
+            eval_every=200,
+            save_every=200,
         ),
     )
     rm = RMConfig(
@@ -217,7 +217,8 @@ def _micro() -> PipelineConfig:
     cfg.ppo.n_train, cfg.ppo.n_eval, cfg.ppo.prompts_per_step, cfg.ppo.eval_samples = 20, 6, 4, 1
     cfg.ppo.max_new_tokens, cfg.ppo.minibatch, cfg.ppo.micro_batch, cfg.ppo.ppo_epochs = 8, 4, 4, 1
     cfg.ppo.train = preference_train_config(**{**pref, "max_steps": 2, "schedule": "constant"})
-    cfg.quantize.schemes = ["int4"]  # the group-wise scheme (int8 is per channel): one quantized copy to evaluate
+    # One quantized copy to evaluate: the group-wise scheme (int8 is one scale per channel).
+    cfg.quantize.schemes = ["int4"]
     cfg.quantize.group_size = 32
     cfg.eval.n_tasks, cfg.eval.max_new_tokens, cfg.eval.text_tokens, cfg.eval.harness_limit = 9, 8, 2048, 9
     cfg.eval.sample_prompts = cfg.eval.sample_prompts[:2]

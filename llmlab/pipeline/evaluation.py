@@ -104,6 +104,7 @@ def evaluate_model(cfg: PipelineConfig, path: str, problems: list[Any], text: st
         ppl = evaluate_perplexity(
             model, llm.tokenizer, text, seq_len=seq_len, max_tokens=cfg.eval.text_tokens
         )
+    harness = harness_results(cfg, llm)
     sample_params = SamplingParams(temperature=0.0, max_tokens=48, repetition_penalty=1.1)
     samples = llm.generate([[{"role": "user", "content": q}] for q in cfg.eval.sample_prompts], sample_params)
     return {
@@ -112,18 +113,19 @@ def evaluate_model(cfg: PipelineConfig, path: str, problems: list[Any], text: st
         "answers": [o.text.strip() for o in outs],
         "heldout_text": {"bits_per_byte": ppl["bits_per_byte"], "ppl": ppl["ppl"], "tokens": ppl["tokens"]},
         "samples": [" ".join(o.text.split()) for o in samples],
+        "harness": harness,
         "seconds": time.perf_counter() - t0,
     }
 
 
-def harness_results(cfg: PipelineConfig, path: str) -> dict[str, Any]:
+def harness_results(cfg: PipelineConfig, llm: Any) -> dict[str, Any]:
     """``llmlab.eval.evaluate``'s results for ``eval.harness_tasks`` (empty when none are asked for)."""
     if not cfg.eval.harness_tasks:
         return {}
     from llmlab.eval import evaluate
 
     tasks = list(cfg.eval.harness_tasks)
-    return evaluate(path, tasks=tasks, limit=cfg.eval.harness_limit, chat=True, progress=False)["results"]
+    return evaluate(llm, tasks=tasks, limit=cfg.eval.harness_limit, chat=True, progress=False)["results"]
 
 
 def judged_winrate(judge: Path, problems: list[Any], mine: list[str], theirs: list[str]) -> dict[str, Any]:
@@ -167,7 +169,7 @@ def run_eval(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[s
                 results[f"rm_winrate_vs_{cfg.eval.winrate_baseline}"] = judged_winrate(
                     judge, problems, res["answers"], baseline["answers"]
                 )
-        results.update(harness_results(cfg, res["path"]))
+        results.update(res["harness"])
         metrics[name] = {
             "results": results,
             "config": {

@@ -30,8 +30,8 @@ RESUMABLE = ("pretrain", "sft")  # recipes that continue from their Trainer's `l
 COSMETIC_KEYS = {"progress", "tensorboard", "plot", "log_every"}
 # Rough seconds per stage on the 2-core CPU (the overall line's estimate before any stage has run here).
 EXPECTED_SECONDS = {
-    "tokenizer": 10, "data": 15, "pretrain": 240, "sft": 180, "rm": 45, "dpo": 90, "grpo": 150,
-    "ppo": 150, "quantize": 10, "eval": 60, "report": 40,
+    "tokenizer": 10, "data": 15, "pretrain": 200, "sft": 250, "rm": 30, "dpo": 60, "grpo": 120,
+    "ppo": 150, "quantize": 5, "eval": 30, "report": 15,
 }  # fmt: skip
 
 

@@ -57,9 +57,8 @@ class GRPOConfig(RLConfig):
                 f"config key 'group_size' must be >= 2 (advantages compare samples), got {self.group_size}"
             )
         super().validate()
-        for k in ("epochs",):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"config key '{k}' must be positive, got {getattr(self, k)}")
+        if self.epochs <= 0:
+            raise ConfigError(f"config key 'epochs' must be positive, got {self.epochs}")
         if self.loss_type not in L.GRPO_LOSS_TYPES:
             raise ConfigError(
                 f"config key 'loss_type' must be one of {', '.join(L.GRPO_LOSS_TYPES)}, got {self.loss_type!r}"
