@@ -255,7 +255,9 @@ def run_pipeline(
             echo(f"[pipeline] stage {k}/{len(steps)} {step.stage}: done before, skipped")
             continue
         elapsed = time.perf_counter() - t_start
-        speed = elapsed / done_expected if done_expected > 0 else 1.0
+        # Scale the estimate by this machine's pace once a minute of expected work is done (a few seconds of
+        # tokenizer say little about the rest).
+        speed = elapsed / done_expected if done_expected >= 60 else 1.0
         left = speed * sum(expected[s.stage] for s in todo if steps.index(s) >= k - 1)
         echo(
             f"[pipeline] stage {k}/{len(steps)} {step.stage} ({step.reason}) | elapsed {_fmt(elapsed)} | "
