@@ -263,6 +263,12 @@ def test_chat_prompt_and_session():
     assert run_chat(llm, SamplingParams(max_tokens=4), None, stdin, stdout) == 0
     shown = stdout.getvalue()
     assert "system prompt set" in shown and "history cleared" in shown and "unknown command /bogus" in shown
+    # ignore_eos guarantees the 4-token limit ends each reply, and the REPL says so rather than cutting silently
+    stdout = io.StringIO()
+    assert (
+        run_chat(llm, SamplingParams(max_tokens=4, ignore_eos=True), None, io.StringIO("hi\n"), stdout) == 0
+    )
+    assert "cut at the max_tokens limit of 4" in stdout.getvalue()
 
 
 # ------------------------------------------------------------------------------------ bad input

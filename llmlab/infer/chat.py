@@ -71,6 +71,7 @@ class ChatSession:
         self.params = params
         self.system = system
         self.history: list[dict[str, str]] = []
+        self.last_finish_reason: str | None = None  # "length" when the last reply hit max_tokens
 
     def messages(self) -> list[dict[str, str]]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -96,6 +97,7 @@ class ChatSession:
                 if out.delta_text:
                     on_delta(out.delta_text)
                 reply = out.text
+                self.last_finish_reason = out.finish_reason
         except BaseException:
             self.history.pop()  # a failed or interrupted turn leaves no trace
             raise
@@ -142,3 +144,8 @@ def run_chat(
             print("\n(interrupted)", file=stdout)
             continue
         print(file=stdout)
+        if session.last_finish_reason == "length":  # a silent cut reads like a finished answer
+            print(
+                f"(reply cut at the max_tokens limit of {params.max_tokens}; raise it with max_tokens=N)",
+                file=stdout,
+            )
