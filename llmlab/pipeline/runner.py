@@ -186,7 +186,7 @@ def plan(
         upstream = [d for d in stage_inputs(cfg, stage) if d in redone]
         if STAGES.index(stage) >= forced:
             reason: str | None = f"--from {from_stage}"
-        elif upstream:
+        elif upstream and read_marker(root, stage) is not None:  # a first run is "not done yet", not "redone"
             reason = f"after stage '{upstream[0]}', which is redone"
         else:
             reason = stale_reason(cfg, root, stage)
