@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,32 +180,33 @@ def run_rm(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str
     return run_reward_model(rm, out)
 
 
+def _policy_stage(
+    cfg: PipelineConfig, root: Path, out: Path, stage: str, run: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """DPO, GRPO and PPO alike: the stage's config starts from the previous policy, the recipe runs, and a
+    LoRA run's adapter is folded into ``out/final`` so every stage's model loads the same way."""
+    section = copy.deepcopy(getattr(cfg, stage))
+    section.model = policy_source(cfg, root, stage)
+    if stage == "ppo":  # PPO is scored by the pipeline's own reward model
+        section.reward, section.reward_model = "rm", str(final_dir(root, "rm"))
+    result = run(section)
+    if section.use_lora:
+        _merged_final(out, section.model, out / "adapter")
+    return result
+
+
 def run_dpo(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
-    dpo = copy.deepcopy(cfg.dpo)
-    dpo.model = policy_source(cfg, root, "dpo")
-    metrics = run_offline(dpo, out)
-    if dpo.use_lora:
-        _merged_final(out, dpo.model, out / "adapter")
-    return metrics
+    return _policy_stage(cfg, root, out, "dpo", lambda dpo: run_offline(dpo, out))
 
 
 def run_grpo_stage(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
-    grpo = copy.deepcopy(cfg.grpo)
-    grpo.model = policy_source(cfg, root, "grpo")
-    result = run_grpo(grpo, out, progress=grpo.train.progress)
-    if grpo.use_lora:
-        _merged_final(out, grpo.model, out / "adapter")
-    return result
+    return _policy_stage(
+        cfg, root, out, "grpo", lambda grpo: run_grpo(grpo, out, progress=grpo.train.progress)
+    )
 
 
 def run_ppo_stage(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
-    ppo = copy.deepcopy(cfg.ppo)
-    ppo.model = policy_source(cfg, root, "ppo")
-    ppo.reward, ppo.reward_model = "rm", str(final_dir(root, "rm"))
-    result = run_ppo(ppo, out, progress=ppo.train.progress)
-    if ppo.use_lora:
-        _merged_final(out, ppo.model, out / "adapter")
-    return result
+    return _policy_stage(cfg, root, out, "ppo", lambda ppo: run_ppo(ppo, out, progress=ppo.train.progress))
 
 
 def last_policy_stage(cfg: PipelineConfig) -> str | None:
