@@ -34,6 +34,10 @@ COMMAND_MODULES = [
     "llmlab.interop.cli",  # convert
     "llmlab.pipeline.cli",  # pipeline, analyze
     "llmlab.serve.cli",  # serve
+    "llmlab.apps.prompting.cli",  # prompt
+    "llmlab.apps.rag.cli",  # rag index, rag ask, rag eval
+    "llmlab.apps.agent.cli",  # agent
+    "llmlab.medusa.cli",  # medusa
 ]
 
 

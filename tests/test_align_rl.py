@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from _align_helpers import chat_tokenizer, tiny_model
@@ -232,3 +234,31 @@ def test_ppo_refuses_a_reward_model_with_another_tokenizer(tmp_path):
         run_ppo(cfg, None, model=tiny_model(), tokenizer=chat_tokenizer(), progress=False)
     with pytest.raises(ConfigError, match="reward_model"):
         PPOConfig(reward="rm").validate()
+
+
+def test_ppo_resumed_after_a_kill_ends_with_the_same_policy(tmp_path):
+    """A PPO run killed after a rollout step's checkpoint and resumed equals the uninterrupted run:
+    policy, value head, optimizer, RNG, rollout step and the adaptive KL coefficient all come back."""
+    from safetensors.torch import load_file
+
+    from llmlab.train.state import write_latest
+
+    tok = chat_tokenizer()
+    cfg = _guard_cfg(3, kl_stop=None)
+    cfg.adaptive_kl, cfg.train.save_every = True, 1
+    full = tmp_path / "full"
+    run_ppo(cfg, full, model=tiny_model(seed=2), tokenizer=tok, progress=False)
+    ckpts = sorted(full.glob("ckpt-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(ckpts) >= 2  # the last two rollout steps (keep_last); resume from the earlier one
+    killed = tmp_path / "killed"
+    shutil.copytree(full, killed)
+    shutil.rmtree(killed / "final")
+    for later in ckpts[1:]:
+        shutil.rmtree(killed / later.name)
+    write_latest(killed, ckpts[0].name)
+    r = run_ppo(cfg, killed, model=tiny_model(seed=2), tokenizer=tok, progress=False, resume=True)
+    assert r["steps"] == 3
+    a, b = load_file(full / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
+    start = tiny_model(seed=2).state_dict()
+    assert not all(torch.equal(a[k], start[k]) for k in a)  # the run trained
+    assert all(torch.equal(a[k], b[k]) for k in a)

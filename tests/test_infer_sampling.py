@@ -110,3 +110,26 @@ def test_stop_string_helpers():
 def test_bad_parameters_raise(kw):
     with pytest.raises(LLMLabError, match="sampling parameter"):
         SamplingParams(**kw).validate(vocab_size=300)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": 1e-300},  # logits / T overflow to +-inf
+        {"temperature": 0.7, "repetition_penalty": 4e-43},  # seen positive logits / penalty overflow
+    ],
+)
+def test_overflowing_logits_fall_back_to_the_limit_distribution(kw):
+    """Extreme but valid parameters used to make ``torch.multinomial`` raise on a NaN row; the limit of the
+    distribution is the argmax, and a whole engine run must finish."""
+    from llmlab.infer import LLM
+    from tests._infer_helpers import model, prompts, tokenizer
+
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    params = SamplingParams(**kw, seed=0)
+    processed = process_logits(logits, params, prompt_ids=[1, 2])
+    assert sample_from(processed, params, torch.Generator().manual_seed(0)) == 1
+
+    llm = LLM.from_model(model(), tokenizer())
+    outs = llm.generate(prompts(3), SamplingParams(**kw, max_tokens=6, ignore_eos=True))
+    assert [len(o.token_ids) for o in outs] == [6, 6, 6]

@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from llmlab.cli import main
 from llmlab.errors import ConfigError
@@ -151,3 +152,35 @@ def test_report_renders_in_chromium_without_broken_images(micro_run, tmp_path):
     broken = [alt for alt, complete, width in images if not complete or width == 0]
     assert not broken, f"broken images: {broken}"
     assert (tmp_path / "report.png").stat().st_size > 20_000
+
+
+def test_killed_rl_stage_resumes_from_its_rollout_checkpoint(micro_run, tmp_path):
+    """GRPO killed after its first rollout step's checkpoint: the rerun continues at step 2 (not 1) and keeps
+    the starting policy's held-out metrics."""
+    from safetensors.torch import load_file
+
+    cfg, root, _, _ = micro_run
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    done = json.loads(marker_path(copy, "grpo").read_text())
+    marker_path(copy, "grpo").unlink()
+    marker_path(copy, "grpo", started=True).write_text(
+        json.dumps({"fingerprint": {"config_hash": done["config_hash"], "inputs": done["inputs"]}})
+    )
+    shutil.rmtree(copy / "grpo" / "final")
+    ckpts = sorted(p.name for p in (copy / "grpo").glob("ckpt-*"))
+    assert len(ckpts) == 2  # one per rollout step (save_every=1)
+    shutil.rmtree(copy / "grpo" / ckpts[-1])
+    write_latest(copy / "grpo", ckpts[0])
+    lines: list[str] = []
+    results = run_pipeline(cfg, copy, only="grpo", echo=lines.append)
+    assert any("grpo: resuming the interrupted run" in line for line in lines)
+    rows = [json.loads(x) for x in (copy / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("split") == "train"] == [1, 2, 2]  # step 1 was not redone
+    summary = results["grpo"]["summary"]
+    assert summary["before_exact_match"] == done["summary"]["before_exact_match"]
+    # (The micro model's rewards are all 0, so its policy never moves; that a resumed run ends with the same
+    # trained policy is tests/test_align_rl.py::test_ppo_resumed_after_a_kill_ends_with_the_same_policy.)
+    resumed = load_file(copy / "grpo" / "final" / "model.safetensors")
+    original = load_file(root / "grpo" / "final" / "model.safetensors")
+    assert all(torch.equal(resumed[k], original[k]) for k in original)

@@ -223,13 +223,25 @@ def process_logits(
     request's logits processors, then penalties -> temperature -> top-k -> top-p -> min-p.
 
     Greedy requests only get the penalties (temperature and filters cannot change the argmax).
+    A temperature or repetition penalty so close to 0 that the division overflows float32 is redone in
+    float64, where the ratios stay finite and the distribution keeps its (then one-hot) shape.
     """
-    x = logits.float().reshape(1, -1)
+    x = _process(logits.float(), params, prompt_ids, output_ids)
+    tiny_divisor = (not params.greedy and params.temperature < 1e-6) or params.repetition_penalty < 1e-6
+    if tiny_divisor and bool((torch.isnan(x) | torch.isposinf(x)).any()):
+        x = _process(logits.double(), params, prompt_ids, output_ids)
+    return x
+
+
+def _process(
+    logits: Tensor, params: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int]
+) -> Tensor:
+    x = logits.reshape(1, -1)
     if params.logits_processors:
         row = x[0].clone()  # a copy: the raw logits must survive in-place edits (raw logprobs read them)
         for proc in params.logits_processors:
             row = proc(list(output_ids), row)
-        x = row.float().reshape(1, -1)
+        x = row.to(logits.dtype).reshape(1, -1)
     if params.repetition_penalty != 1.0:
         seen = torch.tensor([list(prompt_ids) + list(output_ids)], dtype=torch.long, device=x.device)
         x = apply_repetition_penalty(x, seen, params.repetition_penalty)
@@ -250,6 +262,10 @@ def sample_from(processed: Tensor, params: SamplingParams, generator: torch.Gene
     if params.greedy:
         return int(processed.argmax(dim=-1))
     probs = F.softmax(processed, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        # The logits overflowed (a temperature near 0, a penalty near 0 dividing them): the distribution's
+        # limit puts all its mass on the largest logits, so take the argmax instead of failing.
+        return int(torch.nan_to_num(processed.float(), nan=float("-inf")).argmax(dim=-1))
     if generator is not None:  # seeded generators live on the CPU, so a seed draws alike on every device
         probs = probs.to(generator.device)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -151,17 +151,26 @@ def _tiny() -> PipelineConfig:
         max_pairs=2000,
         max_len=128,
         train=preference_train_config(
-            lr=5e-5, min_lr=5e-6, warmup_steps=10, max_steps=120, batch_size=16, eval_every=60, log_every=10
+            lr=5e-5,
+            min_lr=5e-6,
+            warmup_steps=10,
+            max_steps=120,
+            batch_size=16,
+            eval_every=60,
+            save_every=60,
+            log_every=10,
         ),
     )
     dpo = copy.deepcopy(ALIGN_PRESETS["tiny-dpo"])
     dpo.rounds = 1
     dpo.onpolicy.prompts = 600
     dpo.train.max_steps = 120
+    dpo.train.save_every = 60  # a killed stage resumes from here (the pipeline's mid-stage resume)
     dpo.train.log_every = 10
     grpo = copy.deepcopy(GRPO_PRESETS["tiny-grpo"])
     grpo.n_eval = 90
     grpo.train.max_steps = 60
+    grpo.train.save_every = 20
     grpo.train.log_every = 5
     ppo = copy.deepcopy(PPO_PRESETS["tiny-ppo"])
     ppo.reward_model = "DIR/rm/final"  # the stage sets the real path
@@ -213,7 +222,9 @@ def _micro() -> PipelineConfig:
     cfg.dpo.train = preference_train_config(**pref)
     cfg.grpo.n_train, cfg.grpo.n_eval, cfg.grpo.group_size, cfg.grpo.prompts_per_step = 20, 6, 2, 2
     cfg.grpo.max_new_tokens, cfg.grpo.micro_batch = 8, 4
-    cfg.grpo.train = preference_train_config(**{**pref, "max_steps": 2, "schedule": "constant"})
+    cfg.grpo.train = preference_train_config(
+        **{**pref, "max_steps": 2, "save_every": 1, "schedule": "constant"}
+    )
     cfg.ppo.n_train, cfg.ppo.n_eval, cfg.ppo.prompts_per_step, cfg.ppo.eval_samples = 20, 6, 4, 1
     cfg.ppo.max_new_tokens, cfg.ppo.minibatch, cfg.ppo.micro_batch, cfg.ppo.ppo_epochs = 8, 4, 4, 1
     cfg.ppo.train = preference_train_config(**{**pref, "max_steps": 2, "schedule": "constant"})

@@ -5,8 +5,8 @@ section, the digests of the inputs it was made from (the earlier stages' outputs
 outputs, its wall time and a summary. A rerun skips a stage whose marker matches; it redoes one whose config
 changed, whose inputs changed (an earlier stage was redone) or whose outputs are missing or corrupt (their
 digest no longer matches), and says which. A stage that was started but not finished with the same
-fingerprint resumes from its last checkpoint where its recipe can (pretrain, sft: the Trainer's ``latest``);
-otherwise it starts over in an emptied directory.
+fingerprint resumes from its last checkpoint (pretrain, sft, rm, dpo: the Trainer's ``latest``; grpo, ppo: the
+checkpoint of the last saved rollout step); otherwise it starts over in an emptied directory.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from llmlab.errors import ConfigError
 from llmlab.pipeline.config import MODEL_STAGES, STAGES, PipelineConfig
 from llmlab.pipeline.markers import MARKER_DIR, marker_path, read_marker, write_json
 
-RESUMABLE = ("pretrain", "sft")  # recipes that continue from their Trainer's `latest` checkpoint
+# Recipes that continue from their Trainer's `latest` checkpoint (RL: the rollout step's checkpoint).
+RESUMABLE = ("pretrain", "sft", "rm", "dpo", "grpo", "ppo")
 # Keys that change how a run looks, not what it computes: left out of the stage hash.
 COSMETIC_KEYS = {"progress", "tensorboard", "plot", "log_every"}
 # Rough seconds per stage on the 2-core CPU (the overall line's estimate before any stage has run here).

@@ -177,7 +177,7 @@ def run_sft_stage(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> d
 def run_rm(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
     rm = copy.deepcopy(cfg.rm)
     rm.model = policy_source(cfg, root, "rm")
-    return run_reward_model(rm, out)
+    return run_reward_model(rm, out, resume=resume)
 
 
 def _policy_stage(
@@ -196,17 +196,19 @@ def _policy_stage(
 
 
 def run_dpo(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
-    return _policy_stage(cfg, root, out, "dpo", lambda dpo: run_offline(dpo, out))
+    return _policy_stage(cfg, root, out, "dpo", lambda dpo: run_offline(dpo, out, resume=resume))
 
 
 def run_grpo_stage(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
     return _policy_stage(
-        cfg, root, out, "grpo", lambda grpo: run_grpo(grpo, out, progress=grpo.train.progress)
+        cfg, root, out, "grpo", lambda grpo: run_grpo(grpo, out, progress=grpo.train.progress, resume=resume)
     )
 
 
 def run_ppo_stage(cfg: PipelineConfig, root: Path, out: Path, resume: bool) -> dict[str, Any]:
-    return _policy_stage(cfg, root, out, "ppo", lambda ppo: run_ppo(ppo, out, progress=ppo.train.progress))
+    return _policy_stage(
+        cfg, root, out, "ppo", lambda ppo: run_ppo(ppo, out, progress=ppo.train.progress, resume=resume)
+    )
 
 
 def last_policy_stage(cfg: PipelineConfig) -> str | None:

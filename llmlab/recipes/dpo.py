@@ -342,11 +342,12 @@ def attach_reference(
 
 
 def run_offline(
-    cfg: AlignConfig, out_dir: str | Path | None = None, model=None, tokenizer=None
+    cfg: AlignConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, resume: bool = False
 ) -> dict[str, Any]:
     """The whole ``llmlab align`` run; returns the final metrics (plus data statistics), also written to
     ``OUT/align_report.json``. With ``rounds`` > 1 the last round's metrics, and ``rounds_summary``: each
-    round's pair statistics and held-out metrics."""
+    round's pair statistics and held-out metrics. ``resume`` continues each round from its directory's latest
+    checkpoint (a finished round's last checkpoint ends it at once)."""
     cfg.validate()
     if model is None:
         model, tokenizer = load_policy(cfg.model, cfg.train.device)
@@ -361,7 +362,7 @@ def run_offline(
             )
         last = r == cfg.rounds - 1
         round_out = out if out is None or last else out / f"round-{r + 1}"
-        metrics = _train_round(round_cfg, round_out, model, tokenizer)
+        metrics = _train_round(round_cfg, round_out, model, tokenizer, resume)
         summary.append({"round": r + 1, **{k: metrics[k] for k in ROUND_SUMMARY_KEYS if k in metrics}})
     if cfg.rounds > 1:
         metrics["rounds_summary"] = summary
@@ -370,7 +371,9 @@ def run_offline(
     return metrics
 
 
-def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer: Any) -> dict[str, Any]:
+def _train_round(
+    cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer: Any, resume: bool = False
+) -> dict[str, Any]:
     """One round: pairs (sampled from ``model`` now, for onpolicy: sources), the reference cache (``model`` as
     it is now, or ``cfg.ref``), then ``cfg.train.max_steps`` Trainer steps on ``model``."""
     stats = DataStats()
@@ -389,6 +392,8 @@ def _train_round(cfg: AlignConfig, out: Path | None, model: nn.Module, tokenizer
         out_dir=out,
         extra_config={"align": config_dict(cfg)},
     )
+    if resume:
+        trainer.resume()
     metrics = trainer.fit()
     if cfg.use_lora and out is not None:
         save_policy(model, tokenizer, out / "adapter", adapter=True, base=cfg.model)

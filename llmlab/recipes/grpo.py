@@ -164,7 +164,12 @@ def grpo_algorithm(cfg: GRPOConfig, model: nn.Module, ref: nn.Module | None) -> 
 
 
 def run_grpo(
-    cfg: GRPOConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, progress: bool = True
+    cfg: GRPOConfig,
+    out_dir: str | Path | None = None,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The whole ``llmlab grpo`` run; returns held-out exact match before/after and the last step's metrics."""
     cfg.validate()
@@ -172,7 +177,8 @@ def run_grpo(
         model, tokenizer = load_policy(cfg.model, cfg.train.device)
     out = Path(out_dir) if out_dir is not None else None
     ref = prepare_policy(model, cfg.use_lora, cfg.lora, frozen_reference=cfg.beta > 0)
-    run = run_rl("grpo", cfg, grpo_algorithm(cfg, model, ref), model, tokenizer, out=out, progress=progress)
+    algo = grpo_algorithm(cfg, model, ref)
+    run = run_rl("grpo", cfg, algo, model, tokenizer, out=out, progress=progress, resume=resume)
     result = {
         **{f"before_{k}": v for k, v in run.before.items()},
         **{f"after_{k}": v for k, v in run.after.items()},

@@ -251,6 +251,14 @@ class PPOAdvantages:
             self.kl_ctl.update(seq_kl, 1)
         return True
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue alike: the adaptive KL coefficient."""
+        return {"kl_coef": self.kl_ctl.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kl_ctl.value = float(state["kl_coef"])
+        self.good_state = [p.detach().clone() for p in self.trainable]  # the restored policy is within bounds
+
 
 UPDATE_METRICS = ("pg_loss", "value_loss", "clip_frac", "vf_clip_frac", "entropy", "approx_kl")
 
@@ -278,7 +286,12 @@ def ppo_metrics(cfg: PPOConfig):
 
 
 def run_ppo(
-    cfg: PPOConfig, out_dir: str | Path | None = None, model=None, tokenizer=None, progress: bool = True
+    cfg: PPOConfig,
+    out_dir: str | Path | None = None,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The whole ``llmlab ppo`` run (see the module docstring); returns before/after and last-step metrics."""
     cfg.validate()
@@ -300,7 +313,7 @@ def run_ppo(
         eval_samples=cfg.eval_samples,
         progress={"score": "score", "kl": "kl", "len": "response_len"},
     )
-    run = run_rl("ppo", cfg, algo, model, tokenizer, trained=ac, out=out, progress=progress)
+    run = run_rl("ppo", cfg, algo, model, tokenizer, trained=ac, out=out, progress=progress, resume=resume)
     result: dict[str, Any] = {
         **{f"before_{k}": v for k, v in run.before.items()},
         **{f"after_{k}": v for k, v in run.after.items()},

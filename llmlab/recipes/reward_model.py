@@ -73,9 +73,12 @@ class RMConfig:
             raise ConfigError(f"config key 'max_len' must be >= 8, got {self.max_len}")
 
 
-def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=None) -> dict[str, Any]:
+def run_reward_model(
+    cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=None, resume: bool = False
+) -> dict[str, Any]:
     """Train a reward model; writes ``OUT/final`` (a reward-model checkpoint), ``reward_margins.png`` and
-    ``rm_eval.json``. Returns the final metrics."""
+    ``rm_eval.json``. Returns the final metrics. ``resume`` continues from ``OUT``'s latest checkpoint (the
+    pairs are rebuilt alike: they depend on the seed and the starting model only)."""
     cfg.validate()
     out = Path(out_dir)
     if model is None:
@@ -111,6 +114,8 @@ def run_reward_model(cfg: RMConfig, out_dir: str | Path, model=None, tokenizer=N
         out_dir=out,
         extra_config={RM_KEY: {"head": "score"}},
     )
+    if resume:
+        trainer.resume()
     metrics = trainer.fit()
     ev = evaluate_reward_model(rm, held_src, cfg.eval_batch_size)
     plot_margins(ev.margins, out / "reward_margins.png")

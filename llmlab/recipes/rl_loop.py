@@ -15,6 +15,7 @@ policy is saved as ``OUT/final`` or, under LoRA, ``OUT/adapter``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -113,16 +114,24 @@ class RLRun:
 
 
 class RolloutPosition:
-    """The Trainer's data position for checkpoints: the RL step (rollouts are a function of (seed, step))."""
+    """The Trainer's data position for checkpoints: the RL step (rollouts are a function of (seed, step)),
+    plus the state the algorithm keeps between steps (PPO's adaptive KL coefficient), when it has one."""
 
-    def __init__(self) -> None:
+    def __init__(self, algo_state: Any = None) -> None:
         self.step = 0
+        self.algo_state = algo_state  # an object with state_dict()/load_state_dict(), or None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        algo = self.algo_state.state_dict() if self.algo_state is not None else {}
+        return {"step": self.step, "algo": algo}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        if self.algo_state is not None and state.get("algo"):
+            self.algo_state.load_state_dict(state["algo"])
+
+
+BEFORE_FILE = "rl_before.json"  # held-out metrics of the starting policy, kept for a resumed run's report
 
 
 def run_rl(
@@ -134,15 +143,21 @@ def run_rl(
     trained: nn.Module | None = None,
     out: Path | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> RLRun:
     """Train the policy ``model`` (through ``trained``, the module the Trainer updates: the policy itself or
-    a wrapper such as PPO's actor-critic) for ``cfg.train.max_steps`` rollout steps."""
+    a wrapper such as PPO's actor-critic) for ``cfg.train.max_steps`` rollout steps.
+
+    With ``out``, a checkpoint (policy, optimizer, RNG, rollout step, algorithm state) is written every
+    ``cfg.train.save_every`` rollout steps; ``resume`` continues from the latest one, so a killed run redoes
+    at most ``save_every`` steps and ends with the same policy (rollouts depend only on the seed, the step and
+    the restored policy). A resumed run's ``history`` holds the steps it ran itself."""
     seed, max_steps = cfg.train.seed, cfg.train.max_steps
     train_problems = R.load_problems(cfg.source, "train", cfg.n_train, seed=seed)
     eval_problems = R.load_problems(cfg.source, "test", cfg.n_eval, seed=seed)
     rows = cfg.prompts_per_step * algo.group_size
     updates = algo.epochs * (-(-rows // algo.minibatch) if algo.minibatch else 1)
-    position = RolloutPosition()
+    position = RolloutPosition(algo.advantages if hasattr(algo.advantages, "state_dict") else None)
     trainer = Trainer(
         trained if trained is not None else model,
         dataclasses.replace(cfg.train, max_steps=max_steps * updates, eval_every=0, save_every=0),
@@ -168,11 +183,22 @@ def run_rl(
             )
         return res
 
-    before = held_out(sampled=True)
-    trainer.logger.log(0, before, prefix="val")
+    before_file = out / BEFORE_FILE if out is not None else None
+    if resume and before_file is not None and before_file.is_file() and trainer.resume():
+        before = json.loads(before_file.read_text(encoding="utf-8"))
+    else:
+        before = held_out(sampled=True)
+        trainer.logger.log(0, before, prefix="val")
+        if before_file is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            before_file.write_text(json.dumps(before), encoding="utf-8")
     history: list[dict[str, float]] = []
-    bar = tqdm(total=max_steps, desc=name, unit="step", dynamic_ncols=True) if progress else None
-    for step in range(max_steps):
+    bar = (
+        tqdm(total=max_steps, initial=position.step, desc=name, unit="step", dynamic_ncols=True)
+        if progress
+        else None
+    )
+    for step in range(position.step, max_steps):
         t0 = time.perf_counter()
         rng = random.Random(seed * 1_000_003 + step)
         problems = rng.sample(train_problems, min(cfg.prompts_per_step, len(train_problems)))
@@ -213,6 +239,8 @@ def run_rl(
             bar.set_postfix({label: f"{metrics[key]:.3g}" for label, key in algo.progress.items()})
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < max_steps:
             trainer.logger.log(step + 1, held_out(sampled=False), prefix="val")
+        if out is not None and cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            trainer.save()
     if bar is not None:
         bar.close()
     after = held_out(sampled=True)
