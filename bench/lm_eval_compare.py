@@ -124,11 +124,11 @@ def write_tasks(out: Path) -> None:
         body = (f"output_type: multiple_choice\n{text}doc_to_target: 0\n"
                 f'doc_to_choice: "{{{{mc{mc}_targets.choices}}}}"\n{extra}' + _metrics(["acc"]))  # fmt: skip
         (out / f"lc_truthfulqa_mc{mc}.yaml").write_text(_yaml(f"truthfulqa_mc{mc}", data, body))
-    # GSM8K: lm-eval's gsm8k.yaml with local test/train files and the first-n exemplars llmlab uses.
+    # GSM8K: lm-eval's gsm8k.yaml with local test/train files (its default seeded few-shot sampler).
     gsm = (
         f"task: lc_gsm8k\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {out / 'gsm8k_test.jsonl'}\n    train: {out / 'gsm8k_train.jsonl'}\n"
-        "test_split: test\nfewshot_split: train\nfewshot_config:\n  sampler: first_n\noutput_type: generate_until\n"
+        "test_split: test\nfewshot_split: train\noutput_type: generate_until\n"
         'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_target: "{{answer}}"\n'
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
         '    ignore_case: true\n    ignore_punctuation: false\n    regexes_to_ignore:\n      - ","\n      - "\\\\$"\n'

@@ -114,13 +114,34 @@ def test_gsm8k_prompt_and_exemplar_pool():
     docs, bad = GEN_BUILDERS["gsm8k"](2, False)
     assert not bad and len(docs) == 1319
     assert (
-        docs[0].prompt.startswith("Question: Natalia sold clips") and docs[0].prompt.count("Question:") == 3
+        docs[0].prompt.startswith("Question: Jen and Tyler are gymnasts") and docs[0].prompt.count("Question:") == 3
     )
     assert docs[0].prompt.endswith("\nAnswer:") and docs[0].stop == ["Question:", "</s>", "<|im_end|>"]
     chat = GEN_BUILDERS["gsm8k"](None, True)[0][0]
     assert isinstance(chat.prompt, list) and chat.prompt[0]["content"].count("Question:") == 1
     with pytest.raises(ConfigError, match="--shots 9999: the GSM8K train pool has only 7473"):
         GEN_BUILDERS["gsm8k"](9999, False)
+
+
+def test_gsm8k_exemplars_are_drawn_as_lm_eval_draws_them():
+    """lm-eval 0.4.13's contexts for the first 4 test documents at 5 shots (its default sampler, seed 1234),
+    as GSM8K train line numbers, recorded from lm-eval itself (bench/lm_eval_compare.py's gsm8k task)."""
+    import gzip
+    import json
+
+    from llmlab.eval.gen_tasks import GSM8K_TRAIN
+
+    lm_eval_picks = [
+        [6374, 3610, 957, 61, 742],
+        [7462, 6610, 4769, 286, 5501],
+        [5677, 687, 806, 6279, 2905],
+        [1939, 142, 252, 6461, 129],
+    ]
+    pool = [json.loads(line) for line in gzip.open(GSM8K_TRAIN, "rt")]
+    docs, _ = GEN_BUILDERS["gsm8k"](5, False)
+    for doc, picks in zip(docs, lm_eval_picks):
+        shots = "".join(f"Question: {pool[i]['question']}\nAnswer: {pool[i]['answer']}\n\n" for i in picks)
+        assert doc.prompt.startswith(shots)
 
 
 def _tiny():

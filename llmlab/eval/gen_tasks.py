@@ -1,8 +1,8 @@
 """Generative tasks: prompts, answer extraction and scoring; generation itself goes through ``llmlab.LLM``.
 
 - GSM8K (lm-eval's ``gsm8k``): ``"Question: {q}\\nAnswer:"``, k-shot exemplars ``"Question: ..\\nAnswer:
-  {solution}"`` (the first k of GSM8K train) joined by blank lines, greedy, stop at ``"Question:"``,
-  ``"</s>"``, ``"<|im_end|>"``, 256 new tokens. ``exact_match_strict`` takes the first ``#### N``,
+  {solution}"`` (drawn from GSM8K train per document by lm-eval's seeded sampler) joined by blank lines,
+  greedy, stop at ``"Question:"``, ``"</s>"``, ``"<|im_end|>"``, 256 new tokens. ``exact_match_strict`` takes the first ``#### N``,
   ``exact_match_flexible`` the last number (lm-eval's two filters); ``exact_match`` is the strict one.
 - SVAMP, MultiArith, AddSub, SingleEq, MAWPS: the same prompt, numeric match of the last number.
 - AQuA: the question carries ``Answer Choices: (A) ..``; the last answer letter is compared.
@@ -14,6 +14,7 @@ With ``chat=True`` the prompt (exemplars included) is sent as one user message t
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,18 +65,37 @@ def _question_answer(rec: Any, where: str, q_keys: tuple[str, ...]) -> tuple[str
     return " ".join(q.split()) if "instruction" in q_keys else q, str(a).strip()
 
 
-def gsm8k_exemplars(shots: int) -> str:
-    """The first ``shots`` GSM8K train solutions, each followed by a blank line."""
-    recs, _ = read_json_records(GSM8K_TRAIN)
-    if shots > len(recs):
-        raise ConfigError(f"--shots {shots}: the GSM8K train pool has only {len(recs)} exemplars")
-    return "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for _, r in recs[:shots])
+# lm-eval's default few-shot sampler: one ``random.Random(1234)`` (its ``fewshot_random_seed``) draws
+# ``random.sample(train, shots)`` for each evaluated document in order (the few-shot split is not the test
+# split, so there is no document of its own to leave out). Checked against lm-eval 0.4.13's contexts.
+FEWSHOT_SEED = 1234
+
+
+class GSM8KExemplars:
+    """Few-shot prefixes drawn exactly as lm-evaluation-harness 0.4 draws them for ``gsm8k``: a fresh
+    sampler per task run, consulted once per document in document order (so ``--limit N`` sees the same
+    prefixes as the first N documents of a full run)."""
+
+    def __init__(self, shots: int):
+        recs, _ = read_json_records(GSM8K_TRAIN)
+        if shots > len(recs):
+            raise ConfigError(f"--shots {shots}: the GSM8K train pool has only {len(recs)} exemplars")
+        self.shots, self.pool = shots, [r for _, r in recs]
+        self.rnd = random.Random(FEWSHOT_SEED)
+
+    def next_prefix(self) -> str:
+        if not self.shots:
+            return ""
+        picks = self.rnd.sample(range(len(self.pool)), self.shots)
+        return "".join(
+            f"Question: {self.pool[i]['question']}\nAnswer: {self.pool[i]['answer']}\n\n" for i in picks
+        )
 
 
 def _docs(path: Any, shots: int, chat: bool, q_keys: tuple[str, ...]) -> tuple[list[GenDoc], list]:
     recs, bad = read_json_records(path)
     bad = list(bad)
-    prefix = gsm8k_exemplars(shots) if shots else ""
+    exemplars = GSM8KExemplars(shots)
     docs = []
     for where, rec in recs:
         try:
@@ -83,7 +103,7 @@ def _docs(path: Any, shots: int, chat: bool, q_keys: tuple[str, ...]) -> tuple[l
         except MalformedRecord as exc:
             bad.append(exc)
             continue
-        text = f"{prefix}Question: {question}\nAnswer:"
+        text = f"{exemplars.next_prefix()}Question: {question}\nAnswer:"
         prompt: Any = [{"role": "user", "content": text}] if chat else text
         docs.append(GenDoc(where, prompt, answer))
     return docs, bad
