@@ -38,11 +38,18 @@ $(VENV)/.chromium: | $(PY)
 		|| echo "chromium could not be installed; browser tests will skip"; }
 	touch $@
 
-test: $(VENV)/.installed-dev $(VENV)/.chromium
+# Debian's bubblewrap for the Python sandbox (namespaces). Best effort: without it the sandbox falls back to
+# `unshare` or to resource limits and says which isolation is active.
+$(VENV)/.bwrap: | $(PY)
+	@command -v bwrap >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 \
+		|| echo "bubblewrap could not be installed; the sandbox uses unshare or resource limits"; }
+	touch $@
+
+test: $(VENV)/.installed-dev $(VENV)/.chromium $(VENV)/.bwrap
 	$(PY) -m pytest -q
 
 # Everything, slow end-to-end runs included.
-test-all: $(VENV)/.installed-dev $(VENV)/.chromium
+test-all: $(VENV)/.installed-dev $(VENV)/.chromium $(VENV)/.bwrap
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(VENV)/.installed-dev

@@ -35,6 +35,7 @@ COMMAND_MODULES = [
     "llmlab.pipeline.cli",  # pipeline, analyze
     "llmlab.serve.cli",  # serve
     "llmlab.apps.prompting.cli",  # prompt
+    "llmlab.apps.cai_cli",  # judge, cai
     "llmlab.apps.rag.cli",  # rag index, rag ask, rag eval
     "llmlab.apps.agent.cli",  # agent
     "llmlab.medusa.cli",  # medusa

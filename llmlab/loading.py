@@ -193,12 +193,12 @@ def load(
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     if adapter is not None:
-        # --- hook: LoRA adapters (owned by llmlab/model/lora.py) -------------------------------------
+        # --- hook: PEFT adapters (LoRA, DoRA, IA3, prefix, prompt, bottleneck: llmlab/model/peft) ---------
         try:
-            from llmlab.model.lora import apply_adapter
+            from llmlab.model.peft import load_adapter as apply_adapter
         except ImportError as exc:
             raise CheckpointError(
-                f"{adapter}: LoRA adapters need llmlab.model.lora, which is not available"
+                f"{adapter}: adapters need llmlab.model.peft, which is not available"
             ) from exc
         if not Path(adapter).exists():
             raise CheckpointError(f"{adapter}: adapter not found")

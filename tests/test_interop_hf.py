@@ -113,6 +113,12 @@ HF_CASES = {
         "Qwen2ForCausalLM",
         _llama_kwargs(num_key_value_heads=2, use_sliding_window=True, sliding_window=7, max_window_layers=0),
     ),
+    "qwen3-qknorm-bias-tied": (
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        _llama_kwargs(num_key_value_heads=2, head_dim=24, attention_bias=True, tie_word_embeddings=True),
+    ),
+    "qwen3-untied": ("Qwen3Config", "Qwen3ForCausalLM", _llama_kwargs(num_key_value_heads=1)),
     "mistral-sliding": (
         "MistralConfig",
         "MistralForCausalLM",
@@ -239,6 +245,10 @@ EXPORT_CASES = {
     ),
     "qwen2-sliding": _small(qkv_bias=True, sliding_window=7, arch="qwen2"),
     "mistral-sliding": _small(sliding_window=7, tie_embeddings=False, arch="mistral"),
+    "qwen3-qknorm": _small(qk_norm=True, head_dim=24, tie_embeddings=False, arch="qwen3"),
+    "qwen3-qknorm-bias-sliding": _small(
+        qk_norm=True, qkv_bias=True, out_bias=True, sliding_window=7, arch="qwen3"
+    ),
     "gpt2": ModelConfig(
         vocab_size=VOCAB,
         d_model=64,

@@ -59,16 +59,16 @@ def test_load_dispatches_on_llmlab_hf_and_gguf(tmp_path, tokenizer):
 
 
 def test_quantized_and_adapter_hooks(tmp_path, monkeypatch):
-    """A config.json with "quantization" goes to llmlab.quant.load_quantized; adapter= to apply_adapter."""
+    """A config.json with "quantization" goes to llmlab.quant.load_quantized; adapter= to peft.load_adapter."""
     model = _model()
     save_checkpoint(tmp_path / "q", model, extra_config={"quantization": {"method": "int8"}})
     calls = []
     fake_quant = types.ModuleType("llmlab.quant")
     fake_quant.load_quantized = lambda path, device="cpu": (calls.append(("quant", path)) or model, None)
-    fake_lora = types.ModuleType("llmlab.model.lora")
-    fake_lora.apply_adapter = lambda m, adapter_dir: calls.append(("adapter", adapter_dir)) or m
+    fake_peft = types.ModuleType("llmlab.model.peft")
+    fake_peft.load_adapter = lambda m, adapter_dir: calls.append(("adapter", adapter_dir)) or m
     monkeypatch.setitem(sys.modules, "llmlab.quant", fake_quant)
-    monkeypatch.setitem(sys.modules, "llmlab.model.lora", fake_lora)
+    monkeypatch.setitem(sys.modules, "llmlab.model.peft", fake_peft)
     (tmp_path / "adapter").mkdir()
     loaded, _ = llmlab.load(tmp_path / "q", adapter=tmp_path / "adapter")
     assert loaded is model and calls == [("quant", tmp_path / "q"), ("adapter", tmp_path / "adapter")]

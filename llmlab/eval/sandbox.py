@@ -9,8 +9,12 @@ once at run time (:func:`isolation`):
   read-only, ``/tmp``, ``/root``, ``/home`` empty;
 - ``"unshare"``: ``unshare -Urnpm`` (user, network, PID and mount namespaces: no network, killing the
   sandbox's init ends every process it forked); ``/tmp``, ``/root``, ``/home``, ``/work`` hidden under empty
-  tmpfs mounts; as root, the program also runs as ``nobody`` so that the process limit applies;
+  tmpfs mounts;
 - ``"rlimits"``: only the resource limits and the timeout (no network isolation: say so in results).
+
+In both namespace modes the program's working dir is a tmpfs of ``Limits.disk_bytes`` (the program and its
+input files are copied in), so writing many small files cannot fill the host's disk; as root, the program
+runs as ``nobody`` so that the process limit applies. :func:`isolation_report` says in words what is active.
 
 A program passes when it exits with status 0 within the limits.
 """
@@ -40,6 +44,7 @@ class Limits:
     file_bytes: int = 1 << 20
     processes: int = 16
     wall_seconds: float = 15.0
+    disk_bytes: int = 16 << 20  # size of the program's tmpfs working dir (namespace modes)
 
 
 @dataclass
@@ -67,29 +72,56 @@ def _probe(argv: list[str]) -> bool:
 
 
 @lru_cache(maxsize=1)
-def isolation() -> str:
-    """``"bwrap"``, ``"unshare"`` or ``"rlimits"``: the strongest isolation that works here (probed once)."""
-    if shutil.which("bwrap") and _probe(_bwrap_argv(Path("/")) + ["--"]):
-        return "bwrap"
+def available_modes() -> tuple[str, ...]:
+    """Every isolation mode that works here, strongest first (probed once); ``"rlimits"`` always works."""
+    modes = []
+    if shutil.which("bwrap"):
+        with tempfile.TemporaryDirectory(prefix="llmlab-sandbox-probe-") as empty:
+            if _probe(_bwrap_argv(Path(empty)) + ["--"]):
+                modes.append("bwrap")
     if shutil.which("unshare") and _probe(["unshare", "-Urnpm", "--fork", "--mount-proc"]):
-        return "unshare"
-    return "rlimits"
+        modes.append("unshare")
+    return (*modes, "rlimits")
 
 
-def _bwrap_argv(workdir: Path) -> list[str]:
+def isolation() -> str:
+    """``"bwrap"``, ``"unshare"`` or ``"rlimits"``: the strongest isolation that works here."""
+    return available_modes()[0]
+
+
+def isolation_report(mode: str | None = None) -> str:
+    """What the sandbox enforces in ``mode`` (default: :func:`isolation`), in one line for users and logs."""
+    mode = mode or isolation()
+    limits = "rlimits (CPU, address space, file size, processes), wall-clock timeout, minimal env"
+    if mode == "bwrap":
+        return f"bwrap namespaces (no network, own PIDs, read-only /, private tmpfs dir) + {limits}"
+    if mode == "unshare":
+        return (
+            f"unshare namespaces (no network, own PIDs, user data dirs hidden, private tmpfs dir) + {limits}"
+        )
+    return f"{limits} only: NO network or file-system isolation on this machine"
+
+
+def _bwrap_argv(workdir: Path, disk_bytes: int = 1 << 20) -> list[str]:
     argv = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-all",
             "--die-with-parent", "--new-session"]  # fmt: skip
     for d in HIDDEN_DIRS:
         if os.path.isdir(d):
             argv += ["--tmpfs", d]
-    return [*argv, "--bind", str(workdir), SANDBOX_DIR, "--chdir", SANDBOX_DIR]
+    # A size-capped tmpfs as the working dir; bind sources resolve on the host, so /tmp's files are reachable.
+    argv += ["--size", str(disk_bytes), "--tmpfs", SANDBOX_DIR]
+    for path in sorted(workdir.iterdir()):
+        argv += ["--ro-bind", str(path), f"{SANDBOX_DIR}/{path.name}"]
+    return [*argv, "--chdir", SANDBOX_DIR]
 
 
-def _unshare_script(workdir: Path, python: str) -> str:
-    # Bind the program's dir first (it lives under /tmp), then hide the directories that hold user data.
+def _unshare_script(workdir: Path, python: str, disk_bytes: int) -> str:
+    # Copy the program's files into a size-capped tmpfs first (they live under /tmp), then hide the
+    # directories that hold user data.
     hide = " && ".join(f"mount -t tmpfs -o size=1m none {d}" for d in HIDDEN_DIRS if os.path.isdir(d))
     return (
-        f"mount --bind {workdir} {SANDBOX_DIR} && {hide} && cd {SANDBOX_DIR} && exec {python} -I -S prog.py"
+        f"mount -t tmpfs -o size={disk_bytes} none {SANDBOX_DIR} && cp -r {workdir}/. {SANDBOX_DIR}/ && "
+        f"chmod 777 {SANDBOX_DIR} && {hide} && cd {SANDBOX_DIR} && exec {python} -I -S prog.py"
     )
 
 
@@ -110,17 +142,31 @@ def _limits(limits: Limits) -> None:
     _drop_root()
 
 
-def run_program(source: str, limits: Limits | None = None, mode: str | None = None) -> RunResult:
-    """Run ``source`` as a Python program in a sandbox (see the module docstring)."""
+def run_program(
+    source: str,
+    limits: Limits | None = None,
+    mode: str | None = None,
+    files: dict[str, str] | None = None,
+) -> RunResult:
+    """Run ``source`` as a Python program in a sandbox (see the module docstring); ``files`` (name -> text)
+    are put beside it in its working dir."""
     limits = limits or Limits()
     mode = mode or isolation()
     python = python_for_sandbox()
     with tempfile.TemporaryDirectory(prefix="llmlab-sandbox-") as tmp:
         workdir = Path(tmp)
+        for name, text in (files or {}).items():
+            if Path(name).name != name or name == "prog.py":
+                raise ValueError(
+                    f"sandbox input file name {name!r} must be a plain file name other than prog.py"
+                )
+            (workdir / name).write_text(text, encoding="utf-8")
+            os.chmod(workdir / name, 0o644)
         (workdir / "prog.py").write_text(source, encoding="utf-8")
-        os.chmod(workdir, 0o777)  # the program runs as nobody and may write scratch files here
+        os.chmod(workdir / "prog.py", 0o644)
+        os.chmod(workdir, 0o777)  # the program runs as nobody and may write scratch files here (rlimits mode)
         if mode == "bwrap":
-            argv = [*_bwrap_argv(workdir), python, "-I", "-S", "prog.py"]
+            argv = [*_bwrap_argv(workdir, limits.disk_bytes), python, "-I", "-S", "prog.py"]
         elif mode == "unshare":
             argv = [
                 "unshare",
@@ -129,7 +175,7 @@ def run_program(source: str, limits: Limits | None = None, mode: str | None = No
                 "--mount-proc",
                 "sh",
                 "-c",
-                _unshare_script(workdir, python),
+                _unshare_script(workdir, python, limits.disk_bytes),
             ]
         else:
             argv = [python, "-I", "-S", "prog.py"]

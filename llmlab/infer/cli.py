@@ -43,9 +43,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--attention-sinks", default=None, metavar="S,W", help="StreamingLLM: keep S first + W recent tokens"
     )
     p.add_argument(
-        "--speculative", default=None, choices=["ngram", "draft"], help="speculative decoding proposer"
+        "--speculative",
+        default=None,
+        choices=["ngram", "draft", "medusa"],
+        help="speculative decoding proposer",
     )
     p.add_argument("--draft-model", default=None, help="draft model path for --speculative draft")
+    p.add_argument(
+        "--medusa-heads", default=None, help="heads dir ('llmlab medusa') for --speculative medusa"
+    )
     p.add_argument(
         "--num-speculative-tokens", type=int, default=4, help="tokens drafted per step (default 4)"
     )
@@ -157,6 +163,7 @@ def llm_options(args: argparse.Namespace) -> dict[str, Any]:
         opts["speculative"] = {
             "method": args.speculative,
             "draft_model": args.draft_model,
+            "heads": args.medusa_heads,
             "num_tokens": args.num_speculative_tokens,
         }
     return opts

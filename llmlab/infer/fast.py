@@ -163,6 +163,10 @@ def _fuse(mods: list[nn.Module], weights: str) -> Weight:
 def _supported(model: nn.Module) -> bool:
     if not isinstance(model, Transformer) or model.cfg.position == "alibi":
         return False
+    if model.cfg.qk_norm or model.cfg.ffn == "moe":  # layers this fused path does not compute
+        return False
+    if getattr(model, "kv_prefix", None) is not None:  # prefix/prompt tuning: the model's own forward
+        return False
     for layer in model.layers:
         mods = [
             layer.self_attn.q_proj,

@@ -33,6 +33,7 @@ from torch import nn
 from llmlab.errors import LLMLabError
 from llmlab.infer.chat import encode_chat
 from llmlab.infer.fast import FastDecoder
+from llmlab.infer.medusa_tree import MedusaTreeDecoder
 from llmlab.infer.options import apply_rope_scaling, check_options, load_model, pool_blocks, to_dtype
 from llmlab.infer.output import OutputProcessor, RequestOutput
 from llmlab.infer.paged_cache import PagedKVCache
@@ -57,7 +58,8 @@ class LLM:
     ``fast`` (fused decode path, on by default where the model allows it; ``fast="int8"``/``"int4"`` also
     store its matmul weights quantized -- faster batch-1 decode, no longer bit-exact; a quantized checkpoint
     runs its own codes on those kernels), ``speculative`` (``"ngram"`` or ``{"method": "draft",
-    "draft_model": ..., "num_tokens": 4}``; see :mod:`llmlab.infer.speculative`), ``enable_prefix_caching``
+    "draft_model": ..., "num_tokens": 4}`` or ``{"method": "medusa", "heads": DIR, "tree": "default"}``; see
+    :mod:`llmlab.infer.speculative`), ``enable_prefix_caching``
     (reuse the KV blocks of identical prompt prefixes, vLLM's automatic prefix caching).
 
     The engine is not thread-safe: drive ``add_request``/``step``/``abort`` from one thread (a server runs
@@ -105,6 +107,8 @@ class LLM:
     ) -> None:
         if not isinstance(model, Transformer):
             raise LLMLabError(f"LLM needs an llmlab Transformer, got {type(model).__name__}")
+        if not getattr(model.cfg, "causal", True):
+            raise LLMLabError("model config 'causal' is false: an MLM encoder cannot generate left to right")
         if dtype is not None:
             model = model.to(to_dtype(dtype))
         self.model = model  # left in its mode: forward() runs it in eval mode and restores training mode
@@ -168,6 +172,8 @@ class LLM:
         """A speculative decoder for this engine (``"ngram"``, a dict or a :class:`SpeculativeConfig`)."""
         spec = SpeculativeConfig.parse(speculative)
         draft = self._draft_engine(spec) if spec.method == "draft" else None
+        if spec.method == "medusa" and spec.tree is not None:  # a candidate tree (greedy requests)
+            return MedusaTreeDecoder(self.scheduler, self.runner, spec)
         return SpeculativeDecoder(self.scheduler, self.runner, spec, draft)
 
     def _draft_engine(self, spec: SpeculativeConfig) -> LLM:

@@ -152,6 +152,9 @@ class PagedKVCache:
             self.max_cached = self.sink_blocks * block_size + window + block_size
             self.inv_freq = rope_inv_freq.float().to(device)
         self._pending: tuple[Tensor, Tensor, list[int], int] | None = None
+        # (depth [T], ancestor-or-self [T, T]): the next forward's new tokens are a candidate tree (Medusa
+        # speculative decoding); prepare() consumes it. None: a plain causal run.
+        self.tree: tuple[Tensor, Tensor] | None = None
         self.prefix_caching = prefix_caching
         if prefix_caching and (sinks is not None or self.window is not None):
             raise LLMLabError("prefix caching does not combine with attention sinks or a sliding window")
@@ -397,6 +400,8 @@ class PagedKVCache:
         window = cfg.sliding_window if self.sinks is None else None
         uniform = all(s == starts[0] for s in starts)
         q_pos = q_pos.to(device)
+        if self.tree is not None:
+            return self._tree_meta(q_pos, ends, k0)
         if k0 == 0 and uniform and num_new == 1 and (window is None or max_end <= window):
             return AttnMeta(q_pos=q_pos, mask=None, is_causal=False)
         if k0 == 0 and uniform and starts[0] == 0 and (window is None or max_end <= window):
@@ -406,6 +411,38 @@ class PagedKVCache:
         if first != max(drops):  # rows that freed more blocks than the oldest: hide their freed slots
             k_valid &= k_pos >= torch.tensor(drops, device=device)[:, None] * bs
         return AttnMeta(q_pos=q_pos, mask=build_mask(q_pos, k_pos, k_valid, window), is_causal=False)
+
+    def _tree_meta(self, q_pos: Tensor, ends: list[int], k0: int) -> AttnMeta:
+        """Attention for a candidate tree written in slots ``start..start+T-1`` (breadth-first order): node
+        ``i`` sits at position ``start + depth[i]`` and sees the sequence's cached tokens and its ancestors."""
+        depth, ancestors = self.tree
+        self.tree = None
+        if k0 != 0:
+            raise LLMLabError("tree verification does not combine with a sliding window")
+        device = q_pos.device
+        T = q_pos.shape[1]
+        start = q_pos[:, :1]  # [B, 1]
+        k_pos = torch.arange(max(ends), device=device)[None, :]
+        idx = k_pos - start  # [B, S]: the key's index in the tree, negative for cached tokens
+        in_tree = (idx >= 0) & (idx < T)
+        tree_ok = ancestors.to(device)[:, idx.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
+        mask = (idx < 0)[:, None, :] | (in_tree[:, None, :] & tree_ok)
+        return AttnMeta(q_pos=start + depth.to(device)[None, :], mask=mask.unsqueeze(1), is_causal=False)
+
+    def move(self, seq_id: int, src: list[int], dst: list[int]) -> None:
+        """Copy the keys/values of the sequence's positions ``src`` to positions ``dst`` (every layer): the
+        accepted path of a candidate tree moves to consecutive positions before the rest is truncated."""
+        seq = self.seqs[seq_id]
+        bs = self.block_size
+
+        def slots(positions: list[int]) -> Tensor:
+            return torch.tensor(
+                [seq.blocks[p // bs - seq.dropped] * bs + p % bs for p in positions], device=self.k.device
+            )
+
+        s, d = slots(src), slots(dst)
+        self.k[:, d] = self.k[:, s]
+        self.v[:, d] = self.v[:, s]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         assert self._pending is not None, "prepare() must be called before update()"

@@ -57,19 +57,24 @@ class ModelRunner:
         if self.fast is not None:
             self.fast.recheck()
 
-    def forward(self, ids: Tensor, seq_ids: list[int], last_only: bool = True) -> Tensor:
-        """Logits ``[B, V]`` of the last position (or ``[B, T, V]``) for ``ids`` continuing ``seq_ids``."""
+    def forward(
+        self, ids: Tensor, seq_ids: list[int], last_only: bool = True, with_hidden: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits ``[B, V]`` of the last position (or ``[B, T, V]``) for ``ids`` continuing ``seq_ids``;
+        ``with_hidden``: ``(logits, final-norm hidden states)`` (Medusa heads read them)."""
         self.cache.set_batch(seq_ids)
         training = self.model.training
         if training:  # e.g. an RL policy between updates: generate without dropout, then restore
             self.model.eval()
         try:
-            return self._forward(ids, last_only)
+            return self._forward(ids, last_only, with_hidden)
         finally:
             if training:
                 self.model.train()
 
-    def _forward(self, ids: Tensor, last_only: bool) -> Tensor:
+    def _forward(
+        self, ids: Tensor, last_only: bool, with_hidden: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         with torch.inference_mode():
             if self.fast is not None and self.fast.usable(self.model):
                 hidden = self.fast.forward(ids, self.cache)
@@ -79,7 +84,14 @@ class ModelRunner:
                 head = self.model.logits
             if last_only:
                 hidden = hidden[:, -1]
-            return head(hidden).float()
+            logits = head(hidden).float()
+            return (logits, hidden) if with_hidden else logits
+
+    def head_logits(self, hidden: Tensor) -> Tensor:
+        """The target's LM head (the fast path's weights when it runs) over ``hidden``: float32 logits."""
+        with torch.inference_mode():
+            fast = self.fast is not None and self.fast.usable(self.model)
+            return (self.fast.logits if fast else self.model.logits)(hidden).float()
 
     def prefill(self, req: Request, tokens: list[int]) -> Tensor:
         """Run ``tokens`` past the ones the cache already holds for ``req``; last-position logits ``[1, V]``."""

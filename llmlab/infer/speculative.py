@@ -7,12 +7,17 @@ token is drawn from ``p_{k+1}``. Every emitted token is then distributed exactly
 (``p`` and ``q`` are the *processed* distributions: penalties, temperature and filters included), and with
 greedy decoding the output is the target's greedy output.
 
-Two proposers:
+Three proposers:
 
 - ``method="draft"``: a smaller model with the same tokenizer (its own paged cache);
 - ``method="ngram"``: prompt lookup (Saxena 2023). The last ``n`` tokens are searched for earlier in the
   context and the tokens that followed are proposed; no draft model. ``q`` is then a point mass, so the rule
-  reduces to "keep with probability ``p(d)``, else resample from ``p`` without ``d``".
+  reduces to "keep with probability ``p(d)``, else resample from ``p`` without ``d``";
+- ``method="medusa"``: Medusa heads (Cai et al. 2024, :mod:`llmlab.medusa.heads`) on the target's own last
+  hidden state. The verify forward also returns the hidden states; the one under the newest token is kept
+  per request, and at the next step head ``k`` drafts token ``k`` of a single chain from it (``q_k``: the
+  head's processed distribution, which ignores the drafts before it -- still a valid proposal). A request
+  with no current hidden state (just prefilled, or after a plain decode step) drafts nothing for one step.
 
 Speculation is the engine's decode step: the running requests are drafted and verified together, so it
 combines with continuous batching and streaming (batch 1 is where it pays on a CPU).
@@ -30,6 +35,7 @@ from llmlab.errors import LLMLabError
 from llmlab.infer.runner import ModelRunner, score
 from llmlab.infer.sampling import SamplingParams, process_logits
 from llmlab.infer.scheduler import Request, Scheduler
+from llmlab.medusa.heads import MedusaHeads, check_heads, load_heads
 
 
 class DraftEngine(Protocol):
@@ -42,25 +48,35 @@ class DraftEngine(Protocol):
 
 @dataclass
 class SpeculativeConfig:
-    method: str = "ngram"  # "ngram" (prompt lookup) | "draft"
-    num_tokens: int = 4  # k: tokens proposed per step
+    method: str = "ngram"  # "ngram" (prompt lookup) | "draft" | "medusa"
+    num_tokens: int = 4  # k: tokens proposed per step (medusa: at most the number of heads)
     draft_model: Any = None  # a Transformer or a path (method="draft")
+    heads: Any = None  # a Medusa heads directory or MedusaHeads (method="medusa")
+    # Medusa candidate tree (paths of top-k ranks, e.g. [[0], [1], [0, 0]]; "default": medusa.tree's)
+    # verified in one forward for greedy requests; None: a single chain of num_tokens.
+    tree: Any = None
     ngram_max: int = 3
     ngram_min: int = 1
 
     def validate(self) -> None:
-        if self.method not in ("ngram", "draft"):
-            raise LLMLabError(f"speculative 'method' must be 'ngram' or 'draft', got {self.method!r}")
+        if self.method not in ("ngram", "draft", "medusa"):
+            raise LLMLabError(
+                f"speculative 'method' must be 'ngram', 'draft' or 'medusa', got {self.method!r}"
+            )
         if self.num_tokens <= 0:
             raise LLMLabError(f"speculative 'num_tokens' must be positive, got {self.num_tokens}")
         if self.method == "draft" and self.draft_model is None:
             raise LLMLabError("speculative method 'draft' needs 'draft_model'")
+        if self.method == "medusa" and self.heads is None:
+            raise LLMLabError(
+                "speculative method 'medusa' needs 'heads' (a directory from 'llmlab medusa MODEL --out DIR')"
+            )
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise LLMLabError("speculative needs 1 <= ngram_min <= ngram_max")
 
     @classmethod
     def parse(cls, spec: Any) -> SpeculativeConfig:
-        """``"ngram"``/``"draft"``, a dict of these fields, or a config; validated."""
+        """``"ngram"``/``"draft"``/``"medusa"``, a dict of these fields, or a config; validated."""
         if isinstance(spec, str):
             spec = cls(method=spec)
         elif isinstance(spec, dict):
@@ -150,6 +166,11 @@ class SpeculativeDecoder:
         self.cfg = cfg
         self.draft = draft
         self._draft_seqs: dict[str, int] = {}  # request id -> its sequence in the draft's cache
+        self.heads: MedusaHeads | None = None
+        # request id -> (its token count then, the target's hidden state under its newest token)
+        self._hidden: dict[str, tuple[int, Tensor]] = {}
+        if cfg.method == "medusa":
+            self.heads = medusa_heads_for(cfg.heads, runner.model)
         scheduler.on_free.append(self.release)
         self.stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}
 
@@ -176,6 +197,7 @@ class SpeculativeDecoder:
 
     def release(self, req: Request) -> None:
         """Free the draft model's copy of a finished, cancelled or preempted request."""
+        self._hidden.pop(req.id, None)
         seq = self._draft_seqs.pop(req.id, None)
         if seq is not None and self.draft is not None:
             self.draft.runner.cache.free_sequence(seq)
@@ -208,8 +230,12 @@ class SpeculativeDecoder:
             if need > dc.num_free_blocks:
                 return False
         proposals: list[tuple[list[int], Tensor | None]] = []
+        if self.heads is not None:
+            proposals = self._medusa(reqs, tokens, [min(k, K) for k in rooms])
         for r, t, k in zip(reqs, tokens, rooms, strict=True):
             k = min(k, K)
+            if self.heads is not None:
+                continue
             if k == 0:
                 proposals.append(([], None))
             elif self.draft is None:
@@ -220,9 +246,13 @@ class SpeculativeDecoder:
                     self.draft.runner.cache.add_sequence(seq)
                 proposals.append(self._draft(r, t, self._draft_seqs[r.id], k))
         ids = [[t[-1], *d, *[t[-1]] * (K - len(d))] for t, (d, _) in zip(tokens, proposals, strict=True)]
-        logits = runner.forward(
-            torch.tensor(ids, device=runner.device), [r.seq_id for r in reqs], last_only=False
+        out = runner.forward(
+            torch.tensor(ids, device=runner.device),
+            [r.seq_id for r in reqs],
+            last_only=False,
+            with_hidden=self.heads is not None,
         )
+        logits, hidden = out if self.heads is not None else (out, None)
         for row, (r, t, (drafts, q)) in enumerate(zip(reqs, tokens, proposals, strict=True)):
             params = r.params
             processed, p = [], []
@@ -243,6 +273,8 @@ class SpeculativeDecoder:
                     break
             if finished:
                 continue  # finishing freed its blocks, the draft's too
+            if hidden is not None:  # the state whose next token is the one just emitted: the heads' input
+                self._hidden[r.id] = (len(r.all_token_ids), hidden[row, n].clone())
             committed = len(t) - 1 + n + 1  # the cache holds every committed token but the newest
             cache.truncate(r.seq_id, committed)
             seq = self._draft_seqs.get(r.id)
@@ -250,6 +282,53 @@ class SpeculativeDecoder:
                 dc = self.draft.runner.cache
                 dc.truncate(seq, min(dc.length(seq), committed))
         return True
+
+    def _medusa(
+        self, reqs: list[Request], tokens: list[list[int]], ks: list[int]
+    ) -> list[tuple[list[int], Tensor | None]]:
+        """Chain drafts from the Medusa heads: ``ks[i]`` tokens for request ``i`` (none without a current
+        hidden state), with the heads' processed distributions ``q`` for sampled requests."""
+        rows = [
+            i
+            for i, (r, t, k) in enumerate(zip(reqs, tokens, ks, strict=True))
+            if k > 0 and self.has_hidden(r, t)
+        ]
+        proposals: list[tuple[list[int], Tensor | None]] = [([], None)] * len(reqs)
+        if not rows:
+            return proposals
+        num = min(self.heads.num_heads, max(ks[i] for i in rows))
+        head_logits = self.head_logits([reqs[i] for i in rows], num)
+        for row, i in enumerate(rows):
+            r, params = reqs[i], reqs[i].params
+            generator = self.runner.generator_for(r)
+            drafts: list[int] = []
+            qs = []
+            for j in range(min(ks[i], num)):
+                if params.greedy and not params.needs_history:
+                    drafts.append(int(head_logits[row, j].argmax()))
+                    continue
+                proc = process_logits(head_logits[row, j], params, r.prompt_ids, r.output_ids + drafts)
+                q = _probs(proc, params)
+                d = int(q.argmax()) if params.greedy else int(torch.multinomial(q, 1, generator=generator))
+                drafts.append(d)
+                qs.append(q)
+            proposals[i] = (drafts, torch.stack(qs) if qs else None)
+        return proposals
+
+    def has_hidden(self, req: Request, tokens: list[int]) -> bool:
+        """Whether the heads can draft for ``req``: its kept hidden state is under its newest token."""
+        saved = self._hidden.get(req.id)
+        return saved is not None and saved[0] == len(tokens)
+
+    def head_logits(self, reqs: list[Request], num: int) -> Tensor:
+        """The first ``num`` Medusa heads' logits ``[len(reqs), num, V]`` from each request's hidden state."""
+        heads = self.heads
+        h = torch.stack([self._hidden[r.id][1] for r in reqs])
+        with torch.inference_mode():
+            states = heads.states(h.to(next(heads.parameters()).dtype), num).to(h.dtype)
+            if heads.proj is None:
+                return self.runner.head_logits(states)
+            return torch.stack([p(states[:, j]) for j, p in zip(range(num), heads.proj)], 1).float()
 
     def _draft(self, req: Request, tokens: list[int], seq: int, k: int) -> tuple[list[int], Tensor]:
         """Sample ``k`` drafts from the draft model (catching its cache up on committed tokens first)."""
@@ -267,3 +346,12 @@ class SpeculativeDecoder:
             qs.append(q)
             feed = [d]
         return drafts, torch.stack(qs)
+
+
+def medusa_heads_for(heads: Any, model: Any) -> MedusaHeads:
+    """Medusa heads (a directory or a :class:`MedusaHeads`) checked against the target and on its device."""
+    if isinstance(heads, MedusaHeads):
+        check_heads(heads.config, model, "the Medusa heads")
+        param = next(model.parameters())
+        return heads.to(device=param.device, dtype=param.dtype).eval()
+    return load_heads(heads, model)

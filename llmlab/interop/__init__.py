@@ -1,7 +1,9 @@
 """Checkpoint interop: Hugging Face directories and GGUF files, both ways.
 
-- :mod:`llmlab.interop.hf`: ``load_hf(dir)``, ``save_hf(dir, model, tokenizer, max_shard_size)``.
-- :mod:`llmlab.interop.gguf`: ``load_gguf(file)`` (F32/F16/BF16/Q8_0/Q4_0/Q4_1, llama and qwen2 archs).
+- :mod:`llmlab.interop.hf`: ``load_hf(dir)``, ``save_hf(dir, model, tokenizer, max_shard_size)``
+  (MoE families: :mod:`llmlab.interop.hf_moe`).
+- :mod:`llmlab.interop.gguf`: ``load_gguf(file)`` (F32/F16/BF16/Q8_0/Q4_0/Q4_1, llama and qwen2 archs; qwen3
+  and the MoE archs through :mod:`llmlab.interop.gguf_moe`).
 - :mod:`llmlab.interop.gguf_export`: ``save_gguf(file, model, tokenizer, "f16"|"q8_0"|"q4_0"|...)``.
 - ``llmlab.load(path)`` (:mod:`llmlab.loading`) dispatches between them and llmlab's own checkpoints.
 """

@@ -13,6 +13,7 @@ A GGUF holds three things, all of which we map:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -23,9 +24,10 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.interop.gguf_moe import GGUF_EXTRA_ARCHS, gguf_extra_fields, gguf_extra_name, gguf_extra_value
 from llmlab.model.config import ModelConfig, RopeScaling
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", *GGUF_EXTRA_ARCHS)  # QK-norm and MoE layouts: interop/gguf_moe.py
 _MISSING = object()
 
 # GGUF tensor names (per block and global) -> llmlab's module names.
@@ -138,6 +140,7 @@ def config_from_gguf(reader: Any, source: str) -> ModelConfig:
         tie_embeddings="output.weight" not in names,
         arch=arch,
     )
+    cfg = dataclasses.replace(cfg, **gguf_extra_fields(arch, get, names, source))
     try:
         cfg.validate()
     except ConfigError as exc:
@@ -180,6 +183,10 @@ def state_from_gguf(reader: Any, cfg: ModelConfig, source: str) -> dict[str, Ten
             raise CheckpointError(f"{source}: unexpected tensor '{tensor.name}'")
         if parts[0] == "blk":
             layer, base, suffix = parts[1], parts[2], parts[3]
+            extra = gguf_extra_name(layer, base, suffix)
+            if extra is not None:  # QK-norm / MoE tensors
+                state[extra] = gguf_extra_value(base, dequantize_tensor(tensor, source))
+                continue
             if base not in _BLOCK_NAMES:
                 raise CheckpointError(f"{source}: unexpected tensor '{tensor.name}'")
             name = f"layers.{layer}.{_BLOCK_NAMES[base]}.{suffix}"
@@ -188,7 +195,7 @@ def state_from_gguf(reader: Any, cfg: ModelConfig, source: str) -> dict[str, Ten
         else:
             raise CheckpointError(f"{source}: unexpected tensor '{tensor.name}'")
         value = dequantize_tensor(tensor, source)
-        if cfg.arch == "llama" and parts[0] == "blk" and base in ("attn_q", "attn_k"):
+        if cfg.arch in ("llama", "mixtral") and parts[0] == "blk" and base in ("attn_q", "attn_k"):
             value = _unpermute(value, cfg.n_heads if base == "attn_q" else cfg.kv_heads)
         state[name] = value
     return state

@@ -95,6 +95,7 @@ def gguf_arch(cfg: ModelConfig, source: str = "model") -> str:
     need(cfg.norm == "rmsnorm", f"norm={cfg.norm!r}")
     need(cfg.ffn == "swiglu" and cfg.activation == "silu", f"ffn={cfg.ffn!r}, activation={cfg.activation!r}")
     need(cfg.sliding_window is None, f"sliding_window={cfg.sliding_window}")
+    need(not cfg.qk_norm, "qk_norm (Qwen3's q_norm/k_norm have no llama/qwen2 GGUF tensor)")
     need(not cfg.mlp_bias and not cfg.out_bias, "mlp_bias/out_bias (only q/k/v biases, as qwen2)")
     rs = cfg.rope_scaling
     need(rs.type in ("none", "linear", "yarn"), f"rope_scaling.type={rs.type!r} (GGUF keys: linear, yarn)")

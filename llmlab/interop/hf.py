@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints, both ways: ``config.json`` + (sharded) safetensors for llama, qwen2, mistral, gpt2.
+"""Hugging Face checkpoints, both ways: ``config.json`` + (sharded) safetensors for llama, qwen2, qwen3, mistral,
+gpt2, and the MoE families mixtral, qwen2_moe, qwen3_moe (their expert tensors: :mod:`llmlab.interop.hf_moe`).
 
 Reading maps the HF config onto :class:`~llmlab.model.config.ModelConfig` and renames (and for GPT-2
 transposes/splits) the tensors onto llmlab's module names, which already follow HF Llama's layout. Writing
@@ -11,6 +12,7 @@ and write HF checkpoints without that (large) dependency. The tests check parity
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -21,6 +23,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from llmlab.errors import CheckpointError, ConfigError
+from llmlab.interop.hf_moe import (
+    MOE_BASE_TYPES,
+    MOE_MODEL_TYPES,
+    moe_config_from_hf,
+    moe_config_to_hf,
+    moe_model_type,
+    moe_state_from_hf,
+    moe_state_to_hf,
+)
 from llmlab.model.checkpoint import atomic_write_dir, load_state_dict
 from llmlab.model.config import ModelConfig, RopeScaling
 
@@ -28,7 +39,7 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", *MOE_MODEL_TYPES)
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 # transformers' activation names -> llmlab's.
@@ -138,7 +149,13 @@ def config_from_hf(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig
             f"{source}: key 'model_type' = {model_type!r} is not supported (one of {list(SUPPORTED_MODEL_TYPES)})"
         )
     try:
-        cfg = _gpt2_config(hf, source) if model_type == "gpt2" else _llama_like_config(hf, model_type, source)
+        if model_type == "gpt2":
+            cfg = _gpt2_config(hf, source)
+        elif model_type in MOE_MODEL_TYPES:  # the dense sibling's layout plus the experts (interop/hf_moe.py)
+            base = _llama_like_config(hf, MOE_BASE_TYPES[model_type], source)
+            cfg = moe_config_from_hf(hf, model_type, base, source)
+        else:
+            cfg = _llama_like_config(hf, model_type, source)
     except KeyError as exc:
         raise CheckpointError(f"{source}: missing key {exc}") from exc
     except (TypeError, ValueError) as exc:
@@ -157,8 +174,8 @@ def _llama_like_config(hf: dict[str, Any], model_type: str, source: str) -> Mode
     window = None
     if model_type == "mistral":
         window = hf.get("sliding_window")
-    elif model_type == "qwen2":
-        # Qwen2 windows only the layers marked "sliding_attention" (those >= max_window_layers).
+    elif model_type in ("qwen2", "qwen3"):
+        # Qwen2/3 window only the layers marked "sliding_attention" (those >= max_window_layers).
         layer_types = hf.get("layer_types")
         if layer_types is None and hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
             first = int(hf.get("max_window_layers", n_layers))
@@ -171,7 +188,7 @@ def _llama_like_config(hf: dict[str, Any], model_type: str, source: str) -> Mode
                     "is not supported (llmlab uses one window for all layers)"
                 )
             window = hf.get("sliding_window")
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         attn_bias = bool(hf.get("attention_bias", False))
         qkv_bias, out_bias, mlp_bias = attn_bias, attn_bias, bool(hf.get("mlp_bias", False))
     elif model_type == "qwen2":
@@ -195,6 +212,7 @@ def _llama_like_config(hf: dict[str, Any], model_type: str, source: str) -> Mode
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias=qkv_bias,
+        qk_norm=model_type == "qwen3",
         out_bias=out_bias,
         mlp_bias=mlp_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # llama/qwen2/mistral default
@@ -252,7 +270,7 @@ def state_from_hf(state: dict[str, Tensor], cfg: ModelConfig, source: str) -> di
             out[key.removeprefix("model.")] = value
         else:
             out[key] = value
-    return out
+    return moe_state_from_hf(out, cfg, source) if cfg.ffn == "moe" else out
 
 
 def _gpt2_state_from_hf(state: dict[str, Tensor], cfg: ModelConfig, source: str) -> dict[str, Tensor]:
@@ -382,8 +400,13 @@ def hf_model_type(cfg: ModelConfig) -> str:
     fam = "llama-like"
     need(cfg.position == "rope", f"position={cfg.position!r} has no HF equivalent here", fam)
     need(cfg.norm == "rmsnorm", "needs norm='rmsnorm'", fam)
-    need(cfg.ffn == "swiglu", "needs ffn='swiglu'", fam)
+    need(cfg.ffn in ("swiglu", "moe"), "needs ffn='swiglu' (or 'moe')", fam)
     need(cfg.rope_scaling.type != "ntk", "rope_scaling 'ntk' has no HF equivalent", fam)
+    if cfg.ffn == "moe":
+        return moe_model_type(cfg)
+    if cfg.qk_norm:
+        need(cfg.qkv_bias == cfg.out_bias and not cfg.mlp_bias, "attention_bias covers q/k/v and o", "qwen3")
+        return "qwen3"
     if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias:
         return "qwen2"
     if cfg.sliding_window is not None:
@@ -422,6 +445,8 @@ def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 def config_to_hf(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:
     """An HF ``config.json`` dict that transformers turns into the same model."""
     model_type = hf_model_type(cfg)
+    if model_type in MOE_MODEL_TYPES:  # the dense sibling's dict, then the MoE keys
+        return moe_config_to_hf(cfg, model_type, config_to_hf(_dense_sibling(cfg, model_type), tokenizer))
     special = {}
     if tokenizer is not None:
         special = {
@@ -448,9 +473,12 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, An
             "dtype": "float32",
             **special,
         }
-    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[
-        model_type
-    ]
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+        "mistral": "MistralForCausalLM",
+    }[model_type]
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": model_type,
@@ -476,12 +504,13 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, An
         rs = dict(out["rope_parameters"])
         rs.pop("rope_theta")
         out["rope_scaling"] = rs
-    if model_type == "llama":
+    if model_type in ("llama", "qwen3"):
         out["attention_bias"] = cfg.qkv_bias
+    if model_type == "llama":
         out["mlp_bias"] = cfg.mlp_bias
     elif model_type == "mistral":
         out["sliding_window"] = cfg.sliding_window
-    elif model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         window = cfg.sliding_window
         out.update(
             use_sliding_window=window is not None,
@@ -492,10 +521,18 @@ def config_to_hf(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, An
     return out
 
 
+def _dense_sibling(cfg: ModelConfig, moe_type: str) -> ModelConfig:
+    """The dense config whose HF dict an MoE family's extends (same attention, norms and RoPE)."""
+    return dataclasses.replace(cfg, ffn="swiglu", arch=MOE_BASE_TYPES[moe_type])
+
+
 def state_to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """llmlab tensor names -> HF's (``model.`` prefix; GPT-2: fused, transposed Conv1D weights)."""
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if hf_model_type(cfg) != "gpt2":
+    model_type = hf_model_type(cfg)
+    if model_type in MOE_MODEL_TYPES:
+        state = moe_state_to_hf(state, model_type)
+    if model_type != "gpt2":
         out = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in state.items()}
         return out
     out = {

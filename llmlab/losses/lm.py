@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.losses.fused_ce import fused_linear_cross_entropy, logits_cross_entropy
+from llmlab.losses.moe import router_losses
 from llmlab.model.transformer import Transformer
 from llmlab.train.distributed import unwrap
 
@@ -40,6 +41,8 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
     fused and chunked (:mod:`llmlab.losses.fused_ce`). Otherwise (FSDP, an adapted or quantized head) full
     logits go through ``F.cross_entropy``; inside ``torch.compile``, which fuses the plain path itself, they go
     through :func:`~llmlab.losses.fused_ce.logits_cross_entropy`, whose backward inductor fuses into one pass.
+    An MoE model's router losses (:func:`~llmlab.losses.moe.router_losses`) join the sum in training, and its
+    expert-load metrics are reported.
     """
     kwargs = {k: batch[k] for k in MODEL_KWARGS if k in batch}
     labels = batch["labels"]
@@ -56,7 +59,11 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor]) -> LossOutput:
             loss_sum = logits_cross_entropy(flat_logits, flat_labels)
         else:
             loss_sum = F.cross_entropy(flat_logits.float(), flat_labels, ignore_index=-100, reduction="sum")
-    return LossOutput(loss_sum, float((labels != -100).sum()))
+    n_tokens = float((labels != -100).sum())
+    router_loss, metrics = router_losses(model, n_tokens)  # MoE models only: (None, {}) for a dense one
+    if router_loss is not None:
+        loss_sum = loss_sum + router_loss
+    return LossOutput(loss_sum, n_tokens, metrics)
 
 
 def _plain_head_weight(model: nn.Module) -> Tensor | None:

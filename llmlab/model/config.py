@@ -4,20 +4,26 @@
 |---------|-----------|--------|-----------|----------|----------------|------|
 | llama   | rmsnorm   | swiglu | rope      | no       | no             | opt. |
 | qwen2   | rmsnorm   | swiglu | rope      | yes      | opt.           | opt. |
+| qwen3   | rmsnorm   | swiglu | rope      | opt.     | opt.           | opt. |  (+ qk_norm)
 | mistral | rmsnorm   | swiglu | rope      | no       | opt.           | no   |
 | gpt2    | layernorm | gelu   | learned   | yes      | no             | yes  |
+
+The MoE families are their dense siblings with ``ffn="moe"`` (:mod:`llmlab.model.moe`): mixtral (mistral's
+layout), qwen2_moe (qwen2's, plus a gated shared expert), qwen3_moe (qwen3's).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llmlab.errors import ConfigError
 
 NORMS = ("rmsnorm", "layernorm")
-FFNS = ("swiglu", "gelu")
+FFNS = ("swiglu", "gelu", "moe")
+MOE_ROUTERS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
 POSITIONS = ("rope", "learned", "alibi", "none")
 ROPE_SCALINGS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
@@ -76,12 +82,27 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     qkv_bias: bool = False
+    # RMSNorm over head_dim on each query and key head before RoPE (Qwen3's q_norm/k_norm; stabilises training)
+    qk_norm: bool = False
     out_bias: bool = False  # bias on the attention output projection (GPT-2)
     mlp_bias: bool = False
     tie_embeddings: bool = True
     sliding_window: int | None = None
+    # False: bidirectional attention (an encoder, trained with objective=mlm); it cannot decode left to right
+    causal: bool = True
     dropout: float = 0.0
     init_std: float = 0.02
+    # ffn="moe" (llmlab.model.moe): a top-k router over n_experts SwiGLU experts of moe_d_ff each
+    # (None: d_ff), optional gated shared expert(s) of shared_expert_d_ff (0: none), capacity-factor dropping
+    n_experts: int = 8
+    experts_top_k: int = 2
+    moe_d_ff: int | None = None
+    shared_expert_d_ff: int = 0
+    moe_router: str = "softmax_topk"  # or "topk_softmax" (softmax over the k chosen logits)
+    norm_topk_prob: bool = True  # softmax_topk: renormalize the k chosen probabilities to sum to 1
+    capacity_factor: float | None = None  # None: no dropping; else capacity = ceil(cf * tokens * k / E)
+    aux_loss_weight: float = 0.01  # Switch/Mixtral load-balancing loss (llmlab.losses.moe)
+    router_z_loss_weight: float = 0.001  # ST-MoE router z-loss
     arch: str = "llama"  # the HF family this config came from / exports to
 
     @property
@@ -126,7 +147,35 @@ class ModelConfig:
             raise bad("'sliding_window' must be positive or null")
         if not 0.0 <= self.dropout < 1.0:
             raise bad("'dropout' must be in [0, 1)")
+        if self.ffn == "moe":
+            self._validate_moe(bad)
         self.rope_scaling.validate()
+
+    def _validate_moe(self, bad: Callable[[str], ConfigError]) -> None:
+        if self.n_experts <= 0 or self.experts_top_k <= 0:
+            raise bad(
+                f"'n_experts' ({self.n_experts}) and 'experts_top_k' ({self.experts_top_k}) must be positive"
+            )
+        if self.experts_top_k > self.n_experts:
+            raise bad(
+                f"'experts_top_k' ({self.experts_top_k}) must be <= 'n_experts' ({self.n_experts}): "
+                "a token cannot be routed to more experts than exist"
+            )
+        if self.moe_router not in MOE_ROUTERS:
+            raise bad(f"'moe_router' must be one of {list(MOE_ROUTERS)}, got {self.moe_router!r}")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise bad(f"'capacity_factor' must be positive or null, got {self.capacity_factor}")
+        if (self.moe_d_ff is not None and self.moe_d_ff <= 0) or self.shared_expert_d_ff < 0:
+            raise bad("'moe_d_ff' must be positive (or null) and 'shared_expert_d_ff' >= 0")
+        if self.aux_loss_weight < 0 or self.router_z_loss_weight < 0:
+            raise bad("'aux_loss_weight' and 'router_z_loss_weight' must be >= 0")
+        if self.mlp_bias:
+            raise bad("'mlp_bias' is not supported with ffn='moe' (experts have no biases)")
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden size of one routed expert (``moe_d_ff``, else the dense ``ffn_dim``)."""
+        return self.moe_d_ff if self.moe_d_ff is not None else self.ffn_dim
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,6 +52,7 @@ class LoRAConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o", "gate", "up", "down"])
     use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r (rsLoRA)
+    use_dora: bool = False  # DoRA (llmlab.model.peft.dora): wrap with DoRALinear via llmlab.model.peft
 
     def validate(self) -> None:
         if self.r <= 0:
@@ -113,6 +114,10 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def adapter_tensors(self) -> dict[str, Tensor]:
+        """The saved tensors by their key suffix (PEFT's names); subclasses (DoRA) add theirs."""
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         if self.disabled or self.merged:
@@ -157,9 +162,18 @@ def matches_targets(name: str, targets: Sequence[str]) -> bool:
     return leaf in targets
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Wrap the target linear layers with LoRA and freeze everything else. Returns the wrapped names."""
+def apply_lora(model: nn.Module, cfg: LoRAConfig, layer_cls: type[LoRALinear] | None = None) -> list[str]:
+    """Wrap the target linear layers with LoRA and freeze everything else. Returns the wrapped names.
+
+    ``layer_cls``: the wrapper class (DoRA passes ``DoRALinear``; it lives in llmlab.model.peft, above this
+    module, so a DoRA config without it is refused here rather than silently trained as plain LoRA).
+    """
     cfg.validate()
+    if cfg.use_dora and layer_cls is None:
+        raise ConfigError(
+            "DoRA (use_dora) adapters are applied by llmlab.model.peft.apply_peft(model, 'dora')"
+        )
+    layer_cls = layer_cls or LoRALinear
     targets = target_names(cfg.targets)
     wrapped = []
     for name, module in list(model.named_modules()):
@@ -169,12 +183,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, leaf, LoRALinear(module, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
+        setattr(parent, leaf, layer_cls(module, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora))
         wrapped.append(name)
     if not wrapped:
         raise ConfigError(f"no layer matches the LoRA targets {targets}")
     for pname, p in model.named_parameters():
-        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname)
+        p.requires_grad_(".lora_A." in pname or ".lora_B." in pname or ".lora_magnitude_vector" in pname)
     model.lora_config = cfg  # remembered for save_adapter
     return wrapped
 
@@ -245,14 +259,15 @@ def llmlab_name(key: str) -> str:
     if name.startswith("model."):
         name = name[len("model.") :]
     # PEFT may keep the adapter name in keys ("lora_A.default.weight"); files written by save_pretrained don't.
+    name = re.sub(r"\.lora_magnitude_vector\.[^.]+\.weight$", ".lora_magnitude_vector", name)
     return re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     out = {}
     for name, m in lora_layers(model):
-        out[f"{peft_key(name)}.lora_A.weight"] = m.lora_A.weight.detach().contiguous().cpu()
-        out[f"{peft_key(name)}.lora_B.weight"] = m.lora_B.weight.detach().contiguous().cpu()
+        for suffix, tensor in m.adapter_tensors().items():
+            out[f"{peft_key(name)}.{suffix}"] = tensor.detach().contiguous().cpu()
     return out
 
 
@@ -280,7 +295,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model: str | None
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": bool(cfg.use_rslora) if cfg else False,
-        "use_dora": False,
+        "use_dora": bool(getattr(first, "use_dora", False)),
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -311,9 +326,6 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
         raise CheckpointError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from exc
     if data.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{path}: peft_type {data.get('peft_type')!r} is not supported (only LORA)")
-    for key in ("use_dora",):
-        if data.get(key):
-            raise CheckpointError(f"{path}: '{key}' adapters are not supported")
     for key in ("rank_pattern", "alpha_pattern"):
         if data.get(key):
             raise CheckpointError(f"{path}: per-module '{key}' is not supported")
@@ -329,27 +341,34 @@ def read_adapter_config(directory: str | Path) -> LoRAConfig:
             dropout=float(data.get("lora_dropout", 0.0)),
             targets=[t for t in targets],
             use_rslora=bool(data.get("use_rslora", False)),
+            use_dora=bool(data.get("use_dora", False)),
         )
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: bad adapter config ({exc})") from exc
 
 
-def apply_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False) -> nn.Module:
-    """Wrap ``model`` with the LoRA adapter saved in ``adapter_dir`` (llmlab- or PEFT-written)."""
+def apply_adapter(
+    model: nn.Module,
+    adapter_dir: str | Path,
+    trainable: bool = False,
+    layer_cls: type[LoRALinear] | None = None,
+) -> nn.Module:
+    """Wrap ``model`` with the LoRA adapter saved in ``adapter_dir`` (llmlab- or PEFT-written); DoRA adapters
+    come through :func:`llmlab.model.peft.load_adapter`, which passes ``DoRALinear`` as ``layer_cls``."""
 
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir)
+    if cfg.use_dora and layer_cls is None:
+        raise CheckpointError(f"{adapter_dir}: a DoRA adapter; load it with llmlab.load(base, adapter=...)")
     weights = adapter_dir / ADAPTER_WEIGHTS
     state = load_state_dict(weights)
     cfg.dropout = cfg.dropout if trainable else 0.0
     try:
-        apply_lora(model, cfg)
+        apply_lora(model, cfg, layer_cls)
     except ConfigError as exc:
         raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG}: {exc}") from exc
     own = {
-        f"{name}.{ab}.weight": getattr(m, ab).weight
-        for name, m in lora_layers(model)
-        for ab in ("lora_A", "lora_B")
+        f"{name}.{suffix}": t for name, m in lora_layers(model) for suffix, t in m.adapter_tensors().items()
     }
     seen = set()
     for key, tensor in state.items():

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmlab.errors import ConfigError
 from llmlab.model.config import ModelConfig
+from llmlab.model.moe import Experts, MoE, active_mlp_params
 from llmlab.model.rope import RotaryEmbedding, apply_rope
 
 
@@ -61,11 +63,14 @@ def build_mask(
     sliding_window: int | None = None,
     q_seg: Tensor | None = None,
     k_seg: Tensor | None = None,
+    causal: bool = True,
 ) -> Tensor:
-    """Bool mask ``[B, 1, T, S]``: causal by position, optionally windowed, padded and per-document."""
-    allowed = k_pos[:, None, :] <= q_pos[:, :, None]
+    """Bool mask ``[B, 1, T, S]``: causal by position (or, ``causal=False``, bidirectional), optionally
+    windowed (``|q - k| < window`` when bidirectional), padded and per-document."""
+    distance = q_pos[:, :, None] - k_pos[:, None, :]
+    allowed = distance >= 0 if causal else torch.ones_like(distance, dtype=torch.bool)
     if sliding_window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+        allowed &= (distance if causal else distance.abs()) < sliding_window
     if k_valid is not None:
         allowed &= k_valid[:, None, :]
     if q_seg is not None and k_seg is not None:
@@ -211,6 +216,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.out_bias)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm of q and k (names and shapes as in HF Qwen3)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
         self.use_rope = cfg.position == "rope"
 
@@ -226,6 +235,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -286,7 +297,7 @@ class Block(nn.Module):
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        self.mlp = MoE(cfg, activation_fn(cfg.activation)) if cfg.ffn == "moe" else MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
     def forward(
@@ -300,7 +311,8 @@ class Block(nn.Module):
         attn, mlp = self.self_attn, self.mlp
         h = _autocast_input(self.input_layernorm(x), attn.q_proj, attn.k_proj, attn.v_proj)
         x = x + self.dropout(attn(h, rope, meta, cache, weights_out))
-        h = _autocast_input(self.post_attention_layernorm(x), mlp.up_proj, getattr(mlp, "gate_proj", None))
+        ffn_in = (mlp.gate,) if isinstance(mlp, MoE) else (mlp.up_proj, getattr(mlp, "gate_proj", None))
+        h = _autocast_input(self.post_attention_layernorm(x), *ffn_in)
         return x + self.dropout(mlp(h))
 
 
@@ -352,6 +364,8 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, Experts):  # MoE experts keep their weights as [E, out, in] tensors
+                module.init_weights(std, self.cfg.n_layers)
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
@@ -380,12 +394,14 @@ class Transformer(nn.Module):
             or (window is not None and T > window)
             or self.cfg.position == "alibi"
         )
+        if not needs_mask and not self.cfg.causal:  # an encoder: every query sees every key
+            return AttnMeta(q_pos=positions, mask=None, is_causal=False)
         if not needs_mask:
             bias = self.causal_bias[:T, :T] if T <= self.causal_bias.shape[0] else None
             return AttnMeta(q_pos=positions, mask=None, is_causal=True, causal_bias=bias)
         idx = torch.arange(T, device=device).unsqueeze(0).expand(B, T)
         valid = attention_mask.bool() if attention_mask is not None else None
-        mask = build_mask(idx, idx, valid, window, segment_ids, segment_ids)
+        mask = build_mask(idx, idx, valid, window, segment_ids, segment_ids, causal=self.cfg.causal)
         if valid is not None:
             # Fully padded query rows would give NaN; let them see themselves (their outputs are ignored).
             mask |= torch.eye(T, dtype=torch.bool, device=device)[None, None]
@@ -395,6 +411,8 @@ class Transformer(nn.Module):
         if self.cfg.position != "alibi":
             return mask
         dist = (k_idx[:, None, :] - q_idx[:, :, None]).float()  # <= 0 for visible keys
+        if not self.cfg.causal:
+            dist = -dist.abs()  # bidirectional ALiBi: the penalty grows with distance on both sides
         bias = self.alibi.to(mask.device)[None, :, None, None] * dist[:, None]
         return bias.masked_fill(~mask, float("-inf"))
 
@@ -420,6 +438,13 @@ class Transformer(nn.Module):
           of the fused kernel; for analysis, not training.
         """
         B, T = input_ids.shape
+        if cache is not None and not self.cfg.causal:
+            raise ConfigError(
+                "model config 'causal' is false: a bidirectional (MLM) model cannot decode left to right "
+                "with a KV cache; generate with a causal model"
+            )
+        if getattr(self, "kv_prefix", None) is not None:  # prefix/prompt tuning: llmlab.model.peft.prefix
+            cache = self.kv_prefix.wrap(self, cache, input_ids, positions, attention_mask, segment_ids)
         if cache is not None:
             meta = cache.prepare(T, self.cfg)
             if self.cfg.position == "alibi":
@@ -480,6 +505,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> fl
     hd, H, KV = cfg.dim_head, cfg.n_heads, cfg.kv_heads
     attn_params = d * H * hd + 2 * d * KV * hd + H * hd * d
     mlp_params = (3 if cfg.ffn == "swiglu" else 2) * d * cfg.ffn_dim
+    if cfg.ffn == "moe":  # only what a token visits: the router, its k experts, the shared expert
+        mlp_params = active_mlp_params(cfg)
     n = L * (attn_params + mlp_params) + d * cfg.vocab_size
     span = min(seq_len, cfg.sliding_window) if cfg.sliding_window else seq_len
     per_token_fwd = 2 * n + 4 * L * H * hd * span

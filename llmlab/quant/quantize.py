@@ -243,6 +243,10 @@ def quantize_model(
     report: dict[str, Any] = {"scheme": cfg.scheme, "group_size": cfg.group_size}
     if note:
         report["group_size_note"] = note
+    if (cfg.gptq or cfg.awq) and getattr(getattr(model, "cfg", None), "ffn", None) == "moe":
+        # Their per-block calibration knows dense MLPs only; round-to-nearest still covers the router/shared
+        # expert linears (the experts' 3-D weights stay float).
+        raise ConfigError("GPTQ/AWQ do not support ffn='moe' models yet: quantize without --gptq/--awq")
     if cfg.gptq or cfg.awq:
         if calib_tokens is None:
             if tokenizer is None:

@@ -15,7 +15,8 @@ these strings train), ``replay_fraction`` (rows of pretraining text mixed into S
 ``||s B A||^2``), and early stopping when the general-text loss rises more than ``early_stop_rise`` (relative)
 for ``early_stop_patience`` evaluations in a row.
 
-Outputs in ``out``: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) for lora/qlora, or
+Outputs in ``out``: ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT format) for lora, qlora,
+dora, ia3, prefix and prompt (llmlab's documented bottleneck format for ``adapter``; see llmlab.model.peft), or
 ``final/`` (an llmlab checkpoint with the chat template in its tokenizer) for full fine-tuning; the trainer's
 ``ckpt-*/`` (resume), ``metrics.jsonl``, and ``sft_report.json``.
 """
@@ -38,8 +39,10 @@ from llmlab.data.tasks import make_sft_examples
 from llmlab.errors import ConfigError
 from llmlab.losses import causal_lm_loss
 from llmlab.model.lora import LoRAConfig, apply_lora, describe
+from llmlab.model.peft import BottleneckConfig, IA3Config, PrefixConfig, PromptConfig, apply_peft, save_peft
 from llmlab.quant.qlora import quantize_for_qlora
 from llmlab.recipes.common import (
+    adapter_base_path,
     format_value,
     load_base,
     save_policy,
@@ -73,13 +76,21 @@ from llmlab.train.distributed import local_device
 from llmlab.train.evaluation import evaluate_loss
 from llmlab.train.logging import config_dict, write_report
 
-PEFT_MODES = ("none", "lora", "qlora")
+PEFT_MODES = ("none", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter")
+# Methods whose base cannot be switched back on by disable_adapter (so no replay-KD teacher for free).
+NO_BASE_SWITCH = ("ia3", "prefix", "prompt", "adapter")
 # Flat override aliases accepted by ``llmlab sft`` (``lora_r=8`` is ``lora.r=8``).
 ALIASES = {
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
     "lora_targets": "lora.targets",
+    "prefix_tokens": "prefix.tokens",
+    "prefix_projection": "prefix.projection",
+    "prompt_tokens": "prompt.tokens",
+    "adapter_size": "adapter.size",
+    "adapter_where": "adapter.where",
+    "ia3_targets": "ia3.targets",
 }
 
 
@@ -90,7 +101,11 @@ class SFTConfig:
     )
     data: str = "tasks"  # a file, a shipped set (alpaca, gsm8k, math) or "tasks" (the verifiable task suite)
     peft: str = "none"
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # lora, qlora and dora
+    ia3: IA3Config = field(default_factory=IA3Config)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    adapter: BottleneckConfig = field(default_factory=BottleneckConfig)  # Houlsby bottleneck adapters
     train: TrainConfig = field(default_factory=TrainConfig)
     # data
     max_len: int = 256  # tokens per conversation (see datasets.py for the truncation policy)
@@ -153,6 +168,10 @@ class SFTConfig:
             raise ConfigError(f"config key 'forget_warn_pct' must be >= 0, got {self.forget_warn_pct}")
         if self.l2sp < 0 or self.freeze_layers < 0 or self.early_stop_patience < 0:
             raise ConfigError("config keys 'l2sp', 'freeze_layers' and 'early_stop_patience' must be >= 0")
+        if self.peft in NO_BASE_SWITCH and self.replay_fraction and self.replay_loss == "kd":
+            raise ConfigError(
+                "'replay_loss=kd' needs the base as teacher: use it with peft none, lora, qlora or dora"
+            )
         if self.peft != "none" and (self.freeze_layers or self.train_modules):
             raise ConfigError("'freeze_layers'/'train_modules' apply to full fine-tuning (peft=none) only")
 
@@ -338,9 +357,11 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         nf4 = measure(False)
         report["before"]["sft_val_loss_nf4"] = nf4["sft_val_loss"]
         report["before"]["general_loss_nf4"] = nf4["general_loss"]
-    adapter = cfg.peft in ("lora", "qlora")
-    if adapter:
+    adapter = cfg.peft != "none"
+    if cfg.peft in ("lora", "qlora"):
         apply_lora(model, cfg.lora)
+    elif adapter:  # DoRA, IA3, prefix, prompt or bottleneck adapters (llmlab.model.peft)
+        apply_peft(model, cfg.peft, cfg.lora if cfg.peft == "dora" else getattr(cfg, cfg.peft))
     else:
         freeze_for_forgetting(model, cfg.freeze_layers, cfg.train_modules)
     report["params"] = describe(model)
@@ -377,6 +398,8 @@ def run_sft(cfg: SFTConfig, out_dir: str | Path, resume: bool = False) -> dict[s
         on_eval=stopper.on_eval,
         should_stop=stopper.should_stop,
         save_final=(lambda: save_policy(model, tokenizer, out_dir, adapter=True, base=cfg.base))
+        if cfg.peft in ("lora", "qlora")
+        else (lambda: save_peft(model, out_dir, adapter_base_path(cfg.base)))
         if adapter
         else None,
     )

@@ -16,7 +16,7 @@ PRESETS = "tiny-tasks, tiny-tasks-full, tiny-tasks-quick, tiny-tasks-gentle, tin
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sft",
-        help="supervised fine-tuning: full, LoRA or QLoRA, assistant-only loss, before/after report",
+        help="supervised fine-tuning: full, LoRA, QLoRA or another PEFT method, assistant-only loss, before/after report",
         description=(
             "Fine-tune a base model on conversations with loss on assistant tokens only. Data: a JSON/JSONL "
             "file (Alpaca instruction/input/output, chat messages, prompt/completion or question/answer; .gz "
@@ -32,13 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--data", default=None, help="data file or name: alpaca, gsm8k, math, tasks (default: tasks)"
     )
     add_output_argument(
-        p, "run directory: adapter (lora/qlora) or final/ (full), logs, sft_report.json", resume=True
+        p, "run directory: adapter (any --peft) or final/ (full), logs, sft_report.json", resume=True
     )
     p.add_argument(
         "--peft",
-        choices=["none", "lora", "qlora"],
+        choices=["none", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "adapter"],
         default=None,
-        help="what trains (default: the preset's, else none)",
+        help="what trains (default: the preset's, else none); method settings as overrides: lora_r=8 "
+        "(lora/qlora/dora), ia3_targets=k,v,down, prefix_tokens=16 prefix_projection=true, prompt_tokens=16, "
+        "adapter_size=16 adapter_where=attn,ffn",
     )
     add_config_arguments(p, PRESETS)
     p.add_argument(

@@ -22,6 +22,9 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.43 saves t
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+# The masked-LM objective's [MASK]. Not trained into tokenizers: :meth:`Tokenizer.add_mask_token` appends it
+# after the existing vocabulary, so every other id (and every prepared token shard) stays valid.
+MASK = "<|mask|>"
 
 # ChatML, the chat format of Qwen2 and SmolLM2: every message is ``<|im_start|>{role}\n{content}<|im_end|>\n``;
 # ``add_generation_prompt`` opens the assistant turn. Tokenizers trained by llmlab store it as their template.
@@ -43,6 +46,7 @@ class Tokenizer:
     # Extra ids that end generation (e.g. <|im_end|> for chat models whose eos differs).
     extra_stop_tokens: list[str] = field(default_factory=list)
     add_bos: bool = False
+    mask_token: str | None = None  # set by add_mask_token() for MLM models
 
     # ------------------------------------------------------------------------------------ encode
     def encode(
@@ -105,6 +109,18 @@ class Tokenizer:
         return pad if pad is not None else self.eos_id
 
     @property
+    def mask_id(self) -> int | None:
+        return self._id(self.mask_token)
+
+    def add_mask_token(self) -> int:
+        """The id of :data:`MASK`, appended as a special token (id = old vocab size) when missing."""
+        if self.backend.token_to_id(MASK) is None:
+            self.backend.add_special_tokens([MASK])
+            self.__dict__.pop("_plain", None)  # the cached plain backend predates the new token
+        self.mask_token = MASK
+        return self.backend.token_to_id(MASK)
+
+    @property
     def stop_ids(self) -> list[int]:
         ids = [self.eos_id] + [self._id(t) for t in self.extra_stop_tokens]
         return sorted({i for i in ids if i is not None})
@@ -122,6 +138,8 @@ class Tokenizer:
             "extra_stop_tokens": self.extra_stop_tokens,
             "add_bos_token": self.add_bos,
         }
+        if self.mask_token is not None:
+            meta["mask_token"] = self.mask_token
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
     @classmethod
@@ -167,6 +185,7 @@ class Tokenizer:
             chat_template=chat_template,
             extra_stop_tokens=list(meta.get("extra_stop_tokens", [])),
             add_bos=bool(meta.get("add_bos_token", False)),
+            mask_token=token("mask_token"),
         )
         if not meta:
             # A bare tokenizer.json: guess the special tokens from its added vocabulary.

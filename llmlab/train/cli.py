@@ -27,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_argument(
         p, "run directory: checkpoints, metrics.jsonl, loss_curve.png, tb/, final/", resume=True
     )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        metavar="MODEL",
+        help="continual pre-training: start from this model's weights and tokenizer (llmlab/HF dir, .gguf, "
+        "run dir, smollm2); the data is tokenized with its tokenizer, model.* overrides such as "
+        "max_seq_len or rope_scaling.type apply on top",
+    )
     p.set_defaults(func=_pretrain)
 
 
@@ -37,7 +45,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     configure_cpu_threads()
     base = saved_config(args.out) if args.resume else None
-    cfg = load_pretrain_config(args.preset, args.config, overrides_from(args), base=base)
+    init_from = None if base is not None else args.init_from  # a resumed run keeps its own init_from
+    cfg = load_pretrain_config(args.preset, args.config, overrides_from(args), base=base, init_from=init_from)
     metrics = run_pretrain(cfg, args.out, resume=args.resume)
     shown = {k: round(v, 4) for k, v in metrics.items() if k in ("loss", "val_loss", "val_ppl", "val_bpb")}
     print(f"done: {shown}")

@@ -72,6 +72,11 @@ class TrainConfig:
     spike_min_history: int = 10  # no spike test before this many good steps
     spike_patience: int = 3
     rollback_lr_factor: float = 0.5
+    # stability (llmlab.losses.stability, llmlab.train.layer_stats): PaLM's output z-loss
+    # ``z_loss_weight * mean log(Z)^2`` added to the default LM loss (0: off; PaLM used 1e-4), and per-layer
+    # activation / gradient norms in the step metrics, so a spike can be traced to its layer
+    z_loss_weight: float = 0.0
+    log_layer_norms: bool = False
 
     def validate(self) -> None:
         def bad(msg: str) -> ConfigError:
@@ -104,5 +109,7 @@ class TrainConfig:
             raise bad(f"'betas' must be two numbers in [0, 1), got {self.betas}")
         if self.grad_clip < 0 or self.weight_decay < 0 or self.spike_factor < 0:
             raise bad("'grad_clip', 'weight_decay' and 'spike_factor' must be >= 0")
+        if not 0.0 <= self.z_loss_weight < 1.0:
+            raise bad(f"'z_loss_weight' must be in [0, 1), got {self.z_loss_weight}")
         if not 0.0 < self.rollback_lr_factor <= 1.0:
             raise bad(f"'rollback_lr_factor' must be in (0, 1], got {self.rollback_lr_factor}")

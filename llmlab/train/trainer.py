@@ -17,6 +17,7 @@ rollback, and atomic, world-size-independent checkpoints that resume bit-exactly
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -32,11 +33,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from llmlab.losses.lm import MODEL_KWARGS, LossFn, LossOutput, causal_lm_loss
+from llmlab.losses.stability import causal_lm_z_loss
 from llmlab.model.transformer import flops_per_token
 from llmlab.train import distributed as dist_utils
 from llmlab.train import state as st
 from llmlab.train.checkpointing import CheckpointMixin
 from llmlab.train.config import TrainConfig
+from llmlab.train.layer_stats import LayerStats
 from llmlab.train.logging import PLOT_FILE, MetricsLogger, plot_loss_curve
 from llmlab.train.optim import build_optimizer, lr_at
 from llmlab.train.perf import datasheet_peak_tflops, measure_peak_tflops, mfu, retain_freed_cpu_memory
@@ -67,7 +70,11 @@ class Trainer(CheckpointMixin):
         cfg.validate()
         self.cfg = cfg
         self.train_source = train_source
-        self.loss_fn: LossFn = loss_fn or causal_lm_loss
+        # The default objective: causal LM, plus the output z-loss when train.z_loss_weight > 0.
+        default_loss: LossFn = causal_lm_loss
+        if cfg.z_loss_weight > 0:
+            default_loss = functools.partial(causal_lm_z_loss, z_loss_weight=cfg.z_loss_weight)
+        self.loss_fn: LossFn = loss_fn or default_loss
         self.eval_fn = eval_fn
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -92,7 +99,7 @@ class Trainer(CheckpointMixin):
             if loss_fn is None:
                 # Compile the model and the cross-entropy as one graph: inductor fuses the norms, RoPE, SwiGLU
                 # and the log-softmax, which on CPU are a large share of a small model's step.
-                self.loss_fn = torch.compile(causal_lm_loss)
+                self.loss_fn = torch.compile(default_loss)
             else:
                 self.forward_model = torch.compile(self.wrapped)
         self.optimizer = build_optimizer(self.wrapped, cfg)
@@ -106,6 +113,7 @@ class Trainer(CheckpointMixin):
         self._peak: float | None = cfg.peak_tflops
         self.logger = MetricsLogger(out_dir, enabled=self.dist.is_main, tensorboard=cfg.tensorboard)
         torch.manual_seed(cfg.seed + self.dist.rank)
+        self.layer_stats = LayerStats(self.model) if cfg.log_layer_norms else None
 
     # ------------------------------------------------------------------------------------- helpers
     @property
@@ -169,6 +177,7 @@ class Trainer(CheckpointMixin):
 
         # Gradients hold sum-over-this-rank (DDP/FSDP average over ranks): rescale to the global mean.
         scale = self.dist.world_size / weight_g if weight_g > 0 else 1.0
+        layer_metrics = self.layer_stats.collect(scale) if self.layer_stats is not None else {}
         grad_norm = self._scale_and_clip(scale)
 
         reason = self._guard(loss, grad_norm)
@@ -176,11 +185,14 @@ class Trainer(CheckpointMixin):
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps_in_row += 1
-            self.logger.event(self.step, "skip_step", reason=reason, loss=loss, grad_norm=grad_norm)
+            where = {"layer": self.layer_stats.culprit()} if self.layer_stats is not None else {}
+            self.logger.event(self.step, "skip_step", reason=reason, loss=loss, grad_norm=grad_norm, **where)
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.loss_history.append(loss)
+            if self.layer_stats is not None:
+                self.layer_stats.commit()
             self.bad_steps_in_row = 0
         # This step's factor (see _scale_and_clip) must not leak into the next.
         self.optimizer.grad_scale = None
@@ -194,6 +206,7 @@ class Trainer(CheckpointMixin):
             "skipped": float(skipped),
         }
         metrics.update({k: v / weight_g for k, v in zip(keys, metric_g)} if weight_g > 0 else {})
+        metrics.update(layer_metrics)
         if skipped and self.bad_steps_in_row >= max(self.cfg.spike_patience, 1):
             self._rollback()
         return metrics
