@@ -1,16 +1,16 @@
 """Medusa heads on SmolLM2-135M-Instruct: train them, then decode against no speculation, n-gram and a draft.
 
     flock /tmp/llmlab-heavy.lock .venv/bin/python bench/medusa.py [--heads-dir runs/smollm2-medusa]
-        [--train key=value ...] [--prompts 4] [--tokens 48] [--chains 1,2,3,4] [--threads 2]
+        [--train key=value ...] [--prompts 4] [--tokens 48] [--chains 2,4] [--threads 2]
 
 1. Trains Medusa heads with ``llmlab medusa``'s recipe (self-distillation on the model's own greedy answers
    to Alpaca training prompts; skipped when ``--heads-dir`` already holds heads) and prints its report.
 2. Batch 1, greedy, held-out Alpaca prompts (never trained on), configurations interleaved prompt by prompt:
    the target alone, prompt lookup (n-gram, k=4), a draft model (k=4: the distilled SmolLM2 draft of
    ``llmlab distill`` when ``--draft`` exists, else -- as ``bench/decode.py`` does -- the target itself on
-   the int4 fast path), Medusa chains of each length in ``--chains`` and the candidate trees of ``TREES``. Speedup = total time of the target
-   alone / total time of the configuration, prefill included; acceptance length = tokens emitted per request
-   per verify step. Every output must equal the target's own (asserted).
+   the int4 fast path), Medusa chains of each length in ``--chains`` and the candidate trees of ``TREES``.
+   Speedup = total time of the target alone / total time of the configuration, prefill included; acceptance
+   length = tokens emitted per request per verify step. Every output must equal the target's own (asserted).
 3. Batch 16 (16 held-out prompts at once, continuous batching): throughput of the target alone, n-gram,
    the draft, the best Medusa chain and the best tree (best: at batch 1).
 """
@@ -36,11 +36,11 @@ from llmlab.sft.chat import prompt_ids  # noqa: E402
 
 # Candidate trees (Medusa "choices": top-k rank paths), the root included in the node count.
 TREES = [[[0], [1], [0, 0], [0, 0, 0]], DEFAULT_TREE]
-# Sized for a shared 2-core CPU: ~5k self-generated answer tokens, 150 steps of 256 positions.
+# Sized for a shared 2-core CPU: ~30k self-generated answer tokens, 300 steps of 256 positions.
 TRAIN_DEFAULTS = [
-    "max_examples=64",
+    "max_examples=384",
     "response_tokens=80",
-    "max_steps=150",
+    "max_steps=300",
     "accept_prompts=0",
     "eval_examples=8",
 ]
@@ -54,7 +54,7 @@ def main() -> int:
     ap.add_argument("--draft", default="runs/smollm2-draft/final", help="distilled draft, if it exists")
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts at batch 1")
     ap.add_argument("--tokens", type=int, default=48, help="max new tokens per prompt")
-    ap.add_argument("--chains", default="1,2,3,4", help="Medusa chain lengths to try")
+    ap.add_argument("--chains", default="2,4", help="Medusa chain lengths to try")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()

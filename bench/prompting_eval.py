@@ -75,18 +75,26 @@ def main() -> None:
         llm = LLM(resolve_model_path(model), max_batch_size=args.max_batch_size, kv_cache_mb=1536.0,
                   enable_prefix_caching=True, fast="int8" if args.int8 else True)  # fmt: skip
         load_s = time.perf_counter() - start
-        result = evaluate_prompting(
-            llm, args.tasks.split(","), args.techniques.split(","), limit=args.limit, k=args.k,
-            sc_samples=[int(n) for n in args.n.split(",")], sc_limit=args.sc_limit,
-            cot_max_tokens=args.cot_max_tokens, progress=True,
-        )  # fmt: skip
-        if args.json_limit:
+        result: dict[str, Any] = {"cells": [], "examples": [], "config": {}}
+        if args.json_limit:  # first: cheap, and the constrained-decoding figure
             result["json_task"] = evaluate_json(llm, args.json_limit)
+        for technique in args.techniques.split(","):  # one at a time: a run cut short keeps what it measured
+            part = evaluate_prompting(
+                llm, args.tasks.split(","), [technique], limit=args.limit, k=args.k,
+                sc_samples=[int(n) for n in args.n.split(",")], sc_limit=args.sc_limit,
+                cot_max_tokens=args.cot_max_tokens, progress=True,
+            )  # fmt: skip
+            seconds = {**result["config"].get("technique_seconds", {}), **part["config"]["technique_seconds"]}
+            result.update(cells=result["cells"] + part["cells"], examples=result["examples"] + part["examples"],
+                          config={**part["config"], "techniques": args.techniques.split(","), "model": model,
+                                  "technique_seconds": seconds, "seconds": round(sum(seconds.values()), 1)})  # fmt: skip
+            results[model] = result
+            Path(args.out).write_text(json.dumps(results, indent=2))
+            print(format_cells(part), flush=True)
         result["config"].update(model=model, int8=args.int8, load_seconds=round(load_s, 1),
                                 generated_tokens=llm.stats["generation_tokens_total"])  # fmt: skip
         results[model] = result
-        Path(args.out).write_text(json.dumps(results, indent=2))  # after each model: partial results survive
-        print(format_cells(result))
+        Path(args.out).write_text(json.dumps(results, indent=2))
         print(markdown(f"{model}{' (int8)' if args.int8 else ''}", result), flush=True)
         del llm
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -107,7 +107,7 @@ def analyse(rows: list[dict]) -> dict:
         "guard_named_layers": sorted({e["layer"] for e in events if e.get("layer")}),
         "non_finite_losses": len(losses) - len(finite),
         "final_loss_mean_last20": sum(tail) / len(tail) if tail else float("nan"),
-        "max_grad_norm": max(r["grad_norm"] for r in train if math.isfinite(r["grad_norm"])),
+        "max_grad_norm": max((r["grad_norm"] for r in train if math.isfinite(r["grad_norm"])), default=None),
         "losses": losses,
     }
 

@@ -64,7 +64,7 @@ def check_person(data: dict) -> None:
 def test_valid_json_tokens_are_allowed_and_only_stop_after_it():
     c = constraint(C.json_schema_grammar(PERSON))
     tok = H.tokenizer()
-    text = '{"name":"bob","age":42,"tags":[true,false]}'
+    text = json.dumps({"name": "bob", "age": 42, "tags": [True, False]})  # json.dumps's spacing
     ids = tok.encode(text)
     assert not c.allowed()[tok.encode("x")[0]]  # JSON cannot start with x
     for k, t in enumerate(ids):

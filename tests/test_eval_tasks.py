@@ -114,7 +114,8 @@ def test_gsm8k_prompt_and_exemplar_pool():
     docs, bad = GEN_BUILDERS["gsm8k"](2, False)
     assert not bad and len(docs) == 1319
     assert (
-        docs[0].prompt.startswith("Question: Jen and Tyler are gymnasts") and docs[0].prompt.count("Question:") == 3
+        docs[0].prompt.startswith("Question: Jen and Tyler are gymnasts")
+        and docs[0].prompt.count("Question:") == 3
     )
     assert docs[0].prompt.endswith("\nAnswer:") and docs[0].stop == ["Question:", "</s>", "<|im_end|>"]
     chat = GEN_BUILDERS["gsm8k"](None, True)[0][0]

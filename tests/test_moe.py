@@ -169,10 +169,10 @@ def test_lm_loss_adds_router_losses_in_training_and_reports_load():
     torch.testing.assert_close(out.loss_sum.detach(), ce + extra, atol=1e-3, rtol=1e-5)
     assert float(out.metrics["moe_aux"]) >= 1.0 - 1e-5
     loads = [float(out.metrics[f"moe_load_e{i}"]) for i in range(4)]
-    assert sum(loads) == pytest.approx(1.0) and float(out.metrics["moe_load_max"]) == pytest.approx(
-        4 * max(loads)
-    )
-    assert expert_load(model).shape == (2, 4)
+    per_layer = expert_load(model)  # [layers, E]
+    assert per_layer.shape == (2, 4) and sum(loads) == pytest.approx(1.0)
+    torch.testing.assert_close(torch.tensor(loads), per_layer.mean(0))
+    assert float(out.metrics["moe_load_max"]) == pytest.approx(4 * float(per_layer.max(1).values.mean()))
     model.eval()
     with torch.no_grad():
         held_out = causal_lm_loss(model, batch)
@@ -262,3 +262,23 @@ def test_cli_pretrain_top_k_above_experts_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'experts_top_k' (3) must be <= 'n_experts' (2)" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_z_loss_and_mlm_losses_add_the_router_losses_too():
+    """Every training loss adds an MoE model's router losses (not only the default causal-LM one)."""
+    from llmlab.losses.lm import causal_lm_loss
+    from llmlab.losses.mlm import mlm_loss
+    from llmlab.losses.stability import causal_lm_z_loss
+
+    torch.manual_seed(0)
+    model = Transformer(_cfg(aux_loss_weight=0.5)).train()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    plain = causal_lm_loss(model, batch)
+    with_z = causal_lm_z_loss(model, batch, z_loss_weight=0.0)
+    assert "moe_aux" in with_z.metrics
+    assert float(with_z.loss_sum) == pytest.approx(float(plain.loss_sum), rel=1e-5)
+    labels = torch.full_like(ids, -100)
+    labels[:, ::4] = ids[:, ::4]
+    masked = mlm_loss(model, {"input_ids": ids, "labels": labels})
+    assert "moe_aux" in masked.metrics

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from llmlab.errors import ConfigError
 from llmlab.losses.lm import MODEL_KWARGS, LossOutput
+from llmlab.losses.moe import router_losses
 from llmlab.losses.stability import z_loss
 from llmlab.train.distributed import unwrap
 
@@ -93,7 +94,10 @@ def mlm_loss(model: nn.Module, batch: dict[str, Tensor], z_loss_weight: float = 
         z_sum = z_loss(logits, z_loss_weight)
         loss_sum = loss_sum + z_sum
         metrics["z_loss"] = z_sum.detach() / max(len(targets), 1)
-    return LossOutput(loss_sum, float(len(targets)), metrics)
+    router_loss, router_metrics = router_losses(model, float(len(targets)))  # MoE only; (None, {}) if dense
+    if router_loss is not None:
+        loss_sum = loss_sum + router_loss
+    return LossOutput(loss_sum, float(len(targets)), {**metrics, **router_metrics})
 
 
 @dataclass

@@ -15,8 +15,8 @@ Both are averaged over the model's MoE layers. :func:`router_losses` is the hook
 training it returns ``(aux_loss_weight * L_aux + router_z_loss_weight * L_z) * n_tokens`` to add to a summed
 loss (the Trainer divides every loss sum by its token count), and in both modes the metrics ``moe_aux``,
 ``moe_z``, ``moe_dropped`` (the fraction of assignments the capacity limit dropped), ``moe_load_max``
-(the busiest expert's share times E: 1 is perfect balance) and ``moe_load_e{i}`` (expert i's share of
-the assignments, averaged over layers).
+(each layer's busiest expert's share times E, averaged over layers: 1 is perfect balance) and
+``moe_load_e{i}`` (expert i's share of the assignments, averaged over layers).
 """
 
 from __future__ import annotations
@@ -81,12 +81,14 @@ def router_losses(model: nn.Module, n_tokens: float) -> tuple[Tensor | None, dic
     inner = unwrap(model)
     aux = torch.stack([load_balancing_loss(r.logits, r.expert_idx) for r in records]).mean()
     z = torch.stack([router_z_loss(r.logits) for r in records]).mean()
-    load = torch.stack([expert_fractions(r.expert_idx, r.logits.shape[-1]) for r in records]).mean(0)
+    per_layer = torch.stack([expert_fractions(r.expert_idx, r.logits.shape[-1]) for r in records])
+    load = per_layer.mean(0)
     metrics = {
         "moe_aux": aux.detach(),
         "moe_z": z.detach(),
         "moe_dropped": torch.stack([r.dropped for r in records]).mean().detach(),
-        "moe_load_max": load.max() * load.numel(),
+        # Per layer, then averaged: a layer-averaged load would hide layers collapsed onto different experts.
+        "moe_load_max": per_layer.max(dim=1).values.mean() * load.numel(),
         **{f"moe_load_e{i}": v for i, v in enumerate(load)},
     }
     if not inner.training:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.losses.lm import MODEL_KWARGS, LossOutput
+from llmlab.losses.moe import router_losses
 
 
 def z_loss(logits: Tensor, weight: float, mask: Tensor | None = None) -> Tensor:
@@ -54,4 +55,6 @@ def causal_lm_z_loss(model: nn.Module, batch: dict[str, Tensor], z_loss_weight: 
     with torch.no_grad():
         mean_log_z = (torch.logsumexp(logits, dim=-1) * valid).sum() / count
     metrics: dict[str, Any] = {"z_loss": z_sum.detach() / count, "log_z": mean_log_z}
-    return LossOutput(ce + z_sum, float(valid.sum()), metrics)
+    router_loss, router_metrics = router_losses(model, float(valid.sum()))  # MoE only; (None, {}) if dense
+    loss_sum = ce + z_sum if router_loss is None else ce + z_sum + router_loss
+    return LossOutput(loss_sum, float(valid.sum()), {**metrics, **router_metrics})

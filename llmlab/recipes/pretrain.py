@@ -89,7 +89,9 @@ class PretrainConfig:
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ConfigError(f"config key 'objective' must be one of {list(OBJECTIVES)}, got {self.objective!r}")
+            raise ConfigError(
+                f"config key 'objective' must be one of {list(OBJECTIVES)}, got {self.objective!r}"
+            )
         if not 0.0 < self.mlm_probability < 1.0:
             raise ConfigError(f"config key 'mlm_probability' must be in (0, 1), got {self.mlm_probability}")
         if self.objective == "clm" and not self.model.causal:

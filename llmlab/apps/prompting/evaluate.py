@@ -132,6 +132,69 @@ def _cell(task: str, technique: str, samples: int, verdicts: list[bool], unparse
                 round(sum(margins) / len(margins), 3) if margins else None)  # fmt: skip
 
 
+Job = tuple[TaskSpec, Problem, Any, SamplingParams]
+
+
+def _jobs(llm: LLM, spec: TaskSpec, technique: str, problems: list[Problem], samples: int, k: int,
+          selection: str, embed: Embed | None, seed: int, temperature: float, max_tokens: int,
+          stops: list[int]) -> list[Job]:  # fmt: skip
+    """One engine request per (problem, sample) of a technique on a task (exemplars chosen here)."""
+    shots: list[list[Exemplar]] = [[] for _ in problems]
+    if technique in ("fewshot", "fewshot-cot") and k:
+        pool = [e for e in spec.pool if e.rationale] if technique == "fewshot-cot" else spec.pool
+        if not pool:
+            return []  # no worked solutions to show (the task suite): the grid skips this cell
+        selector = ExemplarSelector(pool, k, selection, seed, embed, [p.question for p in problems])
+        shots = selector.select_many([p.question for p in problems])
+    jobs = []
+    for problem, exemplars in zip(problems, shots, strict=True):
+        prompt = build(technique, problem.question, exemplars, spec.instruction, spec.cot_instruction)
+        engine_prompt = prompt.engine_prompt(llm)
+        for i in range(samples):
+            params = SamplingParams(temperature=temperature if samples > 1 else 0.0, max_tokens=max_tokens,
+                                    stop_token_ids=stops, seed=seed * 1_000_003 + i if samples > 1 else None)  # fmt: skip
+            jobs.append((spec, problem, engine_prompt, params))
+    return jobs
+
+
+def _score(
+    spec: TaskSpec, technique: str, groups: list[list[tuple[Job, Any]]], n_votes: int
+) -> tuple[Cell, list[bool], list[float]]:
+    """The cell of ``n_votes`` samples per problem (the first ones of each group), and its verdicts."""
+    verdicts, margins, unparsed, prompt_tokens, generated = [], [], 0, 0, 0
+    for group in groups:
+        used = group[:n_votes]
+        problem = used[0][0][1]
+        keys = [spec.key(problem, out.text) for _, out in used]
+        unparsed += sum(key is None for key in keys)
+        vote = majority_vote(keys)
+        margins.append(vote.margin)
+        verdicts.append(vote.answer is not None and spec.correct(problem, vote.answer))
+        prompt_tokens += sum(len(out.prompt_token_ids) for _, out in used)
+        generated += sum(len(out.token_ids) for _, out in used)
+    is_sc = technique == "self-consistency"
+    cell = _cell(
+        spec.name,
+        technique,
+        n_votes,
+        verdicts,
+        unparsed,
+        prompt_tokens,
+        generated,
+        margins if is_sc else None,
+    )
+    return cell, verdicts, margins
+
+
+def _pooled(technique: str, parts: list[tuple[Cell, list[bool], list[float]]]) -> Cell:
+    """Every task's questions together: the tightest interval this run can give."""
+    first = parts[0][0]
+    return _cell("all", technique, first.samples, [v for _, vs, _ in parts for v in vs],
+                 sum(c.unparsed for c, _, _ in parts), sum(c.prompt_tokens for c, _, _ in parts),
+                 sum(c.generated_tokens for c, _, _ in parts),
+                 [m for _, _, ms in parts for m in ms] if first.mean_margin is not None else None)  # fmt: skip
+
+
 def evaluate_prompting(
     llm: LLM,
     tasks: Sequence[str] = MATH_TASKS,
@@ -149,7 +212,8 @@ def evaluate_prompting(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Every (task, technique) cell on ``llm``; self-consistency on the first ``sc_limit`` (default
-    ``limit``) problems of each task. Returns ``{"cells": [Cell as dict], "config": {...}}``."""
+    ``limit``) problems of each task. Returns ``{"cells": [Cell as dict], "config": {...}, "examples": [the
+    first reply of each task and technique]}``."""
     for t in techniques:
         if t not in TECHNIQUES:
             raise ConfigError(f"unknown technique {t!r} (one of {', '.join(TECHNIQUES)})")
@@ -160,73 +224,39 @@ def evaluate_prompting(
     stops = chat_stop_ids(llm.tokenizer)
     cells: list[Cell] = []
     seconds: dict[str, float] = {}
-    examples: list[dict[str, Any]] = []  # the first reply of each (task, technique): what the model writes
+    examples: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for technique in techniques:
-        cot = is_cot(technique)
-        samples = max(sc_samples) if technique == "self-consistency" else 1
-        jobs: list[tuple[TaskSpec, Problem, Any, SamplingParams]] = []
-        for spec in specs:
-            problems = (
-                spec.problems[: sc_limit or limit] if technique == "self-consistency" else spec.problems
-            )
-            shots: list[list[Exemplar]] = [[] for _ in problems]
-            if technique in ("fewshot", "fewshot-cot") and k:
-                pool = [e for e in spec.pool if e.rationale] if technique == "fewshot-cot" else spec.pool
-                if not pool:
-                    raise ConfigError(
-                        f"task {spec.name}: its exemplars have no worked solutions (no fewshot-cot)"
-                    )
-                selector = ExemplarSelector(pool, k, selection, seed, embed, [p.question for p in problems])
-                shots = selector.select_many([p.question for p in problems])
-            for problem, exemplars in zip(problems, shots, strict=True):
-                prompt = build(technique, problem.question, exemplars, spec.instruction, spec.cot_instruction)
-                engine_prompt = prompt.engine_prompt(llm)
-                for i in range(samples):
-                    params = SamplingParams(
-                        temperature=temperature if samples > 1 else 0.0,
-                        max_tokens=cot_max_tokens if cot else max_tokens,
-                        stop_token_ids=stops,
-                        seed=seed * 1_000_003 + i if samples > 1 else None,
-                    )
-                    jobs.append((spec, problem, engine_prompt, params))
+        is_sc = technique == "self-consistency"
+        samples = max(sc_samples) if is_sc else 1
+        length = cot_max_tokens if is_cot(technique) else max_tokens
+        jobs = [job for spec in specs for job in _jobs(
+            llm, spec, technique, spec.problems[: sc_limit or limit] if is_sc else spec.problems, samples, k,
+            selection, embed, seed, temperature, length, stops)]  # fmt: skip
         began = time.perf_counter()
         outs = llm.generate([j[2] for j in jobs], [j[3] for j in jobs], use_tqdm=progress)
-        pooled: dict[int, list[tuple[Cell, list[bool], list[float] | None]]] = {}
         seconds[technique] = round(time.perf_counter() - began, 1)
+        pooled: dict[int, list[tuple[Cell, list[bool], list[float]]]] = {}
         for spec in specs:
             mine = [(j, o) for j, o in zip(jobs, outs, strict=True) if j[0] is spec]
+            if not mine:
+                skipped.append(f"{spec.name}/{technique}")
+                continue
             groups = [mine[i : i + samples] for i in range(0, len(mine), samples)]
-            if groups:
-                first = groups[0][0]
-                examples.append({"task": spec.name, "technique": technique, "question": first[0][1].question,
-                                 "gold": first[0][1].answer, "reply": first[1].text})  # fmt: skip
-            for n_votes in sc_samples if technique == "self-consistency" else [1]:
-                verdicts, margins, unparsed, prompt_tokens, generated = [], [], 0, 0, 0
-                for group in groups:
-                    used = group[:n_votes]
-                    problem = used[0][0][1]
-                    keys = [spec.key(problem, out.text) for _, out in used]
-                    unparsed += sum(key is None for key in keys)
-                    vote = majority_vote(keys)
-                    margins.append(vote.margin)
-                    verdicts.append(vote.answer is not None and spec.correct(problem, vote.answer))
-                    prompt_tokens += sum(len(out.prompt_token_ids) for _, out in used)
-                    generated += sum(len(out.token_ids) for _, out in used)
-                is_sc = technique == "self-consistency"
-                cells.append(_cell(spec.name, technique, n_votes, verdicts, unparsed, prompt_tokens, generated,
-                                   margins if is_sc else None))  # fmt: skip
-                pooled.setdefault(n_votes, []).append((cells[-1], verdicts, margins if is_sc else None))
-        if len(specs) > 1:  # every task's questions together: the tightest interval this run can give
-            for n_votes, parts in pooled.items():
-                margins = [m for _, _, ms in parts for m in ms or []]
-                cells.append(_cell("all", technique, n_votes, [v for _, vs, _ in parts for v in vs],
-                                   sum(c.unparsed for c, _, _ in parts), sum(c.prompt_tokens for c, _, _ in parts),
-                                   sum(c.generated_tokens for c, _, _ in parts), margins or None))  # fmt: skip
+            (job, out) = groups[0][0]
+            examples.append({"task": spec.name, "technique": technique, "question": job[1].question,
+                             "gold": job[1].answer, "reply": out.text})  # fmt: skip
+            for n_votes in sc_samples if is_sc else [1]:
+                cell, verdicts, margins = _score(spec, technique, groups, n_votes)
+                cells.append(cell)
+                pooled.setdefault(n_votes, []).append((cell, verdicts, margins))
+        if len(pooled.get(1 if not is_sc else sc_samples[0], [])) > 1:
+            cells += [_pooled(technique, parts) for parts in pooled.values()]
     config = {"tasks": list(tasks), "techniques": list(techniques), "limit": limit, "k": k,
               "selection": selection, "sc_samples": list(sc_samples), "sc_limit": sc_limit or limit,
               "temperature": temperature, "max_tokens": max_tokens, "cot_max_tokens": cot_max_tokens,
               "seed": seed, "seconds": round(time.perf_counter() - start, 1),
-              "technique_seconds": seconds}  # fmt: skip
+              "technique_seconds": seconds, "skipped": skipped}  # fmt: skip
     return {"cells": [asdict(c) for c in cells], "config": config, "examples": examples}
 
 

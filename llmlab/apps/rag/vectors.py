@@ -1,10 +1,13 @@
 """The dense vector index persisted beside the chunk store: inner product over L2-normalized embeddings.
 
-Two back-ends, chosen by measurement (``bench/rag_vector_index.py``; BENCHMARKS.md has the figures):
+Two back-ends, chosen by measurement (``bench/rag_vector_index.py``; BENCHMARKS.md, 2026-12-04):
 
-- ``faiss-flat`` (default): ``faiss.IndexIDMap2(IndexFlatIP)``, exact search, so its recall is 1 by definition;
-  at the size of a RAG index on this machine (tens of thousands of chunks) a query takes well under 10 ms.
-- ``usearch``: usearch's HNSW graph (approximate), for corpora where exact search becomes the bottleneck.
+- ``faiss-flat`` (default): ``faiss.IndexIDMap2(IndexFlatIP)``, exact, so recall is 1 by definition. On our eval
+  corpus (1,189 chunks) a query takes 0.03 ms; on 20 noisy copies (23,780 chunks) 4.4 ms, still far below the
+  ~20 ms of embedding the query, so approximate search buys nothing at this scale.
+- ``usearch``: usearch's HNSW graph (approximate): at 23,780 chunks recall@10 0.985 at 0.15 ms/query, against
+  0.910 for faiss' IndexHNSWFlat (M=32, efSearch=64); the option for corpora where exact search becomes the
+  bottleneck.
 
 Both map a chunk id (int64) to its vector and return ``(ids, scores)`` best first; ids of -1 are never returned.
 """
