@@ -40,7 +40,7 @@ def register_eval(sub: Any) -> None:
         "winrate",
         help="win rate of model A over model B judged by a reward model (both orders, length-controlled)",
         description="Generate answers with MODEL_A and MODEL_B on held-out prompts, score both with a reward "
-        "model, and report the raw and length-controlled win rate of A over B with a 95%% bootstrap CI.",
+        "model, and report the raw and length-controlled win rate of A over B with a 95% bootstrap CI.",
     )
     win.add_argument("model_a", metavar="MODEL_A")
     win.add_argument("model_b", metavar="MODEL_B")

@@ -90,7 +90,7 @@ def register(subparsers: Any) -> None:
 
     ev = sub.add_parser("eval", help="accuracy (95%% CI) and tokens per correct answer of each technique",
                         description="Score prompting techniques on math word problems and the task suite: "
-                        "accuracy with 95%% Wilson intervals, unparsed replies, tokens per correct answer; "
+                        "accuracy with 95% Wilson intervals, unparsed replies, tokens per correct answer; "
                         "with --json-task also the JSON parse-failure rate with and without constrained "
                         "decoding.")  # fmt: skip
     _add_engine_args(ev)
