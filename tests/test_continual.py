@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _infer_helpers import one_thread as one_thread_helper
 
 from llmlab.cli import main
 from llmlab.data.corpora import load_documents
@@ -35,12 +36,7 @@ QUIET = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_helper)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _infer_helpers import one_thread as one_thread_helper
 
 from llmlab.cli import main
 from llmlab.data.clean import CleanConfig, clean_documents
@@ -27,13 +28,7 @@ from llmlab.train.trainer import Trainer
 OFF = dict(quality=False, dedup_exact=False, dedup_near=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_helper)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from _infer_helpers import one_thread as one_thread_helper
 from torch import nn
 
 from llmlab.cli import main
@@ -27,13 +28,7 @@ from llmlab.model.transformer import Transformer
 from llmlab.tokenizer.train import train_tokenizer
 from llmlab.train.evaluation import evaluate_loss
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_helper)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from _infer_helpers import one_thread as one_thread_helper
 from _train_helpers import byte_shards, tiny_model_config
 
 from llmlab.errors import ConfigError, LLMLabError
@@ -17,13 +18,7 @@ from llmlab.recipes.pretrain import load_pretrain_config, run_pretrain
 from llmlab.tokenizer import MASK, Tokenizer
 from llmlab.tokenizer.train import train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_helper)
 
 
 def model(causal: bool, **kw) -> Transformer:

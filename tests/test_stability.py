@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _infer_helpers import one_thread as one_thread_helper
 from _train_helpers import byte_shards, tiny_model_config
 
 from llmlab.data.loader import PackedLoader
@@ -19,12 +20,7 @@ from llmlab.train.logging import read_metrics
 SEQ = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_thread_helper)
 
 
 @pytest.fixture(scope="module")
