@@ -1,5 +1,5 @@
-"""Where a single stream's time goes: the same SmolLM2 engine in-process, behind the server's engine thread
-(no HTTP), and over HTTP (``llmlab serve`` in its own process, one streaming client), in one run.
+"""Where a single stream's time goes: the same SmolLM2 engine in-process, behind the server's engine loop
+(no HTTP) stepping on a side thread and on the main thread (``llmlab serve``'s arrangement), and over HTTP (``llmlab serve`` in its own process, one streaming client), in one run.
 
     .venv/bin/python bench/serve_overhead.py [--fast int4] [--max-tokens 96] [--repeats 3]
         [--max-concurrency 16]
@@ -75,6 +75,38 @@ def engine_thread(llm, params, repeats: int) -> list[float]:
     return asyncio.run(run())
 
 
+def engine_on_main_thread(llm, params, repeats: int) -> list[float]:
+    """``llmlab serve``'s arrangement: the engine loop on this (main) thread, the event loop on a side one."""
+    import threading
+
+    from llmlab.serve.engine_thread import EngineThread
+    from llmlab.serve.metrics import ServerMetrics
+
+    engine = EngineThread({"m": llm}, ServerMetrics(), max_pending=64, own_thread=False)
+    res: list[float] = []
+
+    async def client() -> None:
+        try:
+            for i in range(repeats):
+                stream = engine.submit("m", [(f"main{i}", PROMPT, params)])
+                stamps: list[float] = []
+                while not stream.done:
+                    _, out = await stream.queue.get()
+                    if out.delta_token_ids:
+                        stamps += [time.perf_counter()] * len(out.delta_token_ids)
+                    if out.finished:
+                        stream.finished.add(out.request_id)
+                res.append(decode_ms(stamps))
+        finally:
+            engine.stop()
+
+    side = threading.Thread(target=lambda: asyncio.run(client()))
+    side.start()
+    engine.run_here()
+    side.join()
+    return res
+
+
 def over_http(model: str, fast: str, concurrency: int, max_tokens: int, repeats: int) -> list[float]:
     port = free_port()
     cmd = [sys.executable, "-m", "llmlab", "serve", model, "--port", str(port), "--fast", fast,
@@ -130,7 +162,8 @@ def main() -> None:
     in_process(llm, params, 1)  # warm-up
     rows = {
         "in-process LLM.step": in_process(llm, params, args.repeats),
-        "engine thread (no HTTP)": engine_thread(llm, params, args.repeats),
+        "engine on a side thread": engine_thread(llm, params, args.repeats),
+        "engine on the main thread": engine_on_main_thread(llm, params, args.repeats),
     }
     del llm
     rows["HTTP stream (llmlab serve)"] = over_http(
@@ -140,7 +173,7 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct {args.fast}, batch 1, {args.max_tokens} tokens, median of {args.repeats}")
     for name, values in rows.items():
         med = statistics.median(values)
-        print(f"  {name:28s} {med:7.2f} ms/token  ({1000 / med:6.1f} tok/s)  x{med / base:.2f}")
+        print(f"  {name:30s} {med:7.2f} ms/token  ({1000 / med:6.1f} tok/s)  x{med / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Public entry points (imported lazily so ``import llmlab`` stays fast):
 
 from __future__ import annotations
 
+import logging
 import os
 
 from llmlab.lazy import lazy_exports
@@ -20,6 +21,10 @@ from llmlab.lazy import lazy_exports
 # Nothing in llmlab may reach a model hub at run time.
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
+
+# bitsandbytes (pulled in by transformers/peft, a dev/interop dependency) warns on every import on AVX512-BF16
+# CPUs that an optional hub kernel is missing; llmlab never uses bitsandbytes' kernels (quant/ has its own).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -153,3 +153,63 @@ def test_ngram_speculation_serves_the_same_greedy_answers(base_and_adapter):
         with BackgroundServer(models) as url:
             answers.append(chat(url, "base", msgs)["choices"][0]["message"]["content"])
     assert answers[0] == answers[1]
+
+
+def test_cli_serve_steps_on_the_main_thread_and_stops_cleanly_on_ctrl_c(tmp_path):
+    """`llmlab serve` runs uvicorn on a side thread and the engine loop on the main thread (OpenMP kernels are
+    slower off it). Ctrl-C mid-stream ends the stream with a 503-shaped error chunk and exits 0 without a
+    traceback; a second server on the same port fails with one line and exit 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from llmlab.serve.server import free_port
+
+    save_checkpoint(tmp_path / "m", H.model(max_seq_len=8192), H.tokenizer())
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmlab",
+        "serve",
+        str(tmp_path / "m"),
+        "--port",
+        str(port),
+        "--fast",
+        "int8",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert f"could not serve on 127.0.0.1:{port}" in second.stderr.strip().splitlines()[-1]
+
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8000, "ignore_eos": True,
+                "stream": True, "temperature": 0}  # fmt: skip
+        lines = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line[6:])
+                    if len(lines) == 3:
+                        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert lines[-1] == "[DONE]"
+        assert json.loads(lines[-2])["error"]["code"] == "server_shutting_down"
+        assert len(lines) < 4000  # it stopped early, not at max_tokens
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -114,16 +114,23 @@ def create_app(
     api_key: str | None = None,
     max_pending: int = 64,
     max_body_bytes: int = MAX_BODY_BYTES,
+    engine_on_caller: bool = False,
 ) -> FastAPI:
-    """The server over ``models`` (the first is the default); ``max_pending`` sequences at most in flight."""
+    """The server over ``models`` (the first is the default); ``max_pending`` sequences at most in flight.
+
+    ``engine_on_caller``: the app does not start the engine's thread; whoever runs uvicorn calls
+    ``app.state.engine.run_here()`` (``llmlab serve`` does, on the main thread)."""
     by_name = {m.name: m for m in models}
     metrics = ServerMetrics()
-    engine = EngineThread({m.name: m.llm for m in models}, metrics, max_pending)
+    engine = EngineThread(
+        {m.name: m.llm for m in models}, metrics, max_pending, own_thread=not engine_on_caller
+    )
     metrics.attach(lambda: engine.stats)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
+        if engine.own_thread:
+            engine.start()
         yield
         engine.stop()
 

@@ -50,11 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from llmlab.errors import ConfigError
     from llmlab.serve.app import create_app
-    from llmlab.serve.server import build_models, startup_lines
+    from llmlab.serve.server import build_models, serve_forever, startup_lines
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("llmlab.serve")
@@ -80,8 +78,10 @@ def _serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         prefix_caching=not args.no_prefix_caching,
     )
-    app = create_app(models, api_key=api_key, max_pending=args.max_queue or 4 * args.max_concurrency)
+    app = create_app(
+        models, api_key=api_key, max_pending=args.max_queue or 4 * args.max_concurrency, engine_on_caller=True
+    )
     for line in startup_lines(models, args.host, args.port, api_key):
         (log.warning if line.startswith("WARNING") else log.info)(line)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    serve_forever(app, args.host, args.port)
     return 0

@@ -9,6 +9,13 @@ the batch -- and its KV blocks are freed -- before the next step.
 Several engines (a base model and its LoRA adapters, each its own ``LLM``) take turns: one step each while
 they have work, so requests for different adapters are batched per adapter.
 
+**Which thread steps.** ``llmlab serve`` runs the engine loop on the process's *main* thread
+(:meth:`EngineThread.run_here`) and uvicorn's event loop on a background thread: PyTorch's OpenMP
+kernels (the int4/int8 GEMVs most of all) run 1.6-3x slower when a non-main thread drives them on this
+2-core machine, so stepping from a side thread cost a single stream 1.6x its in-process decode rate
+(BENCHMARKS.md, issue 18). In-process users (tests, :class:`~llmlab.serve.server.BackgroundServer`) keep
+the main thread for themselves and call :meth:`EngineThread.start` instead.
+
 The thread also keeps the request-level metrics (time to first token, time per output token, end-to-end
 latency, outcomes) and publishes each engine's ``LLM.stats`` after every step for ``/metrics``.
 """
@@ -26,6 +33,10 @@ from typing import Any
 from llmlab.serve.metrics import ServerMetrics
 
 log = logging.getLogger("llmlab.serve")
+
+
+class ServerShuttingDown(Exception):
+    """Delivered to the requests still running when the engine loop stops (HTTP 503)."""
 
 
 @dataclass
@@ -63,8 +74,11 @@ class EngineThread:
     so the handler can answer 429.
     """
 
-    def __init__(self, engines: dict[str, Any], metrics: ServerMetrics, max_pending: int):
+    def __init__(
+        self, engines: dict[str, Any], metrics: ServerMetrics, max_pending: int, own_thread: bool = True
+    ):
         self.engines = engines
+        self.own_thread = own_thread  # False: the caller runs the loop itself (run_here)
         self.metrics = metrics
         self.max_pending = max_pending
         self.stats: dict[str, dict[str, float]] = {name: llm.stats for name, llm in engines.items()}
@@ -77,12 +91,18 @@ class EngineThread:
 
     # ------------------------------------------------------------------ event-loop side
     def start(self) -> None:
+        """Step on a thread of our own (the app's lifespan calls this unless ``own_thread`` is False)."""
         self._thread.start()
+
+    def run_here(self) -> None:
+        """Step on the calling thread until :meth:`stop` (``llmlab serve``: the main thread)."""
+        self._run()
 
     def stop(self) -> None:
         self._stop.set()
         self._commands.put(("wake",))
-        self._thread.join(timeout=10)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     @property
     def pending(self) -> int:
@@ -109,20 +129,44 @@ class EngineThread:
 
     # ------------------------------------------------------------------ engine-thread side
     def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = any(llm.has_unfinished() for llm in self.engines.values())
+        try:
+            while not self._stop.is_set():
+                busy = any(llm.has_unfinished() for llm in self.engines.values())
+                try:
+                    self._handle(self._commands.get(block=not busy, timeout=None if not busy else 0))
+                    while True:  # drain everything that arrived: all of it joins the next step
+                        self._handle(self._commands.get_nowait())
+                except queue.Empty:
+                    pass
+                events: list[tuple[RequestStream, tuple[int, Any]]] = []
+                for name, llm in self.engines.items():
+                    if llm.has_unfinished():
+                        self._step(name, llm, events)
+                    self.stats[name] = llm.stats
+                self._deliver(events)
+        finally:  # also on Ctrl-C, which lands here when this is the main thread
+            self._fail_unfinished()
+
+    def _fail_unfinished(self) -> None:
+        """End every request still in flight with an error, so its handler (and uvicorn's graceful shutdown)
+        finishes at once instead of waiting for tokens that will never come."""
+        events = []
+        shutting_down = ServerShuttingDown("the server is shutting down")
+        while True:  # requests submitted but never added to an engine
             try:
-                self._handle(self._commands.get(block=not busy, timeout=None if not busy else 0))
-                while True:  # drain everything that arrived: all of it joins the next step
-                    self._handle(self._commands.get_nowait())
+                command = self._commands.get_nowait()
             except queue.Empty:
-                pass
-            events: list[tuple[RequestStream, tuple[int, Any]]] = []
-            for name, llm in self.engines.items():
-                if llm.has_unfinished():
-                    self._step(name, llm, events)
-                self.stats[name] = llm.stats
-            self._deliver(events)
+                break
+            if command[0] == "add":
+                self._release(len(command[3]))
+                events += [(command[2], (index, shutting_down)) for index in range(len(command[3]))]
+        for rid, tracked in list(self._tracked.items()):
+            self.engines[tracked.engine].abort(rid)
+            self._finish(rid, tracked, "abort")
+            events.append(
+                (tracked.stream, (tracked.index, ServerShuttingDown("the server is shutting down")))
+            )
+        self._deliver(events)
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]

@@ -18,6 +18,7 @@ from llmlab.errors import LLMLabError
 from llmlab.infer import SamplingParams
 from llmlab.infer import constrained as grammar
 from llmlab.infer.chat import chat_stop_ids
+from llmlab.serve.engine_thread import ServerShuttingDown
 from llmlab.serve.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -70,6 +71,8 @@ def engine_error(exc: BaseException) -> APIError:
     """An exception from the engine thread as an API error (a bad request: 400; anything else: 500)."""
     if isinstance(exc, LLMLabError):
         return APIError(str(exc), 400)
+    if isinstance(exc, ServerShuttingDown):
+        return APIError(str(exc), 503, code="server_shutting_down")
     log.error("request failed in the engine: %r", exc)
     return APIError("internal error while generating", 500, code="internal_error")
 

@@ -6,6 +6,7 @@ and the demo use it to talk to a real server over HTTP.
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from llmlab.errors import LLMLabError
 from llmlab.infer import LLM
 from llmlab.loading import resolve_model_path
 from llmlab.serve.app import create_app
@@ -73,6 +75,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def serve_forever(app: Any, host: str, port: int) -> None:
+    """Run ``app`` (built with ``engine_on_caller=True``) until Ctrl-C or SIGTERM: uvicorn's event loop on a
+    background thread, the engine loop on this (the main) thread -- see :mod:`llmlab.serve.engine_thread`
+    for why the engine wants the main thread."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    http = threading.Thread(target=server.run, name="llmlab-http", daemon=True)
+    http.start()
+    while not server.started:  # the engine loop must not start before the port is bound
+        if not http.is_alive():
+            raise LLMLabError(f"could not serve on {host}:{port} (is the port in use? see the log above)")
+        time.sleep(0.02)
+    # uvicorn cannot take signals on its (non-main) thread: SIGINT and SIGTERM both stop the engine loop here
+    # (SIGINT explicitly too: a shell starts background jobs with it ignored, and uvicorn overrode that as well).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        app.state.engine.run_here()  # returns when uvicorn stops (its lifespan stops the engine)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.should_exit = True
+        app.state.engine.stop()
+        http.join(timeout=10)
 
 
 class BackgroundServer:
