@@ -3,8 +3,10 @@
     # the demo's TinyStories model (trained at 256 tokens) extended to 1024 on packed Gutenberg books
     flock /tmp/llmlab-heavy.lock .venv/bin/python bench/context_extension.py tiny --steps 120
 
-    # SmolLM2-135M-Instruct (GGUF) on the passkey test at and beyond its trained context
-    flock /tmp/llmlab-heavy.lock .venv/bin/python bench/context_extension.py smollm2 --lengths 1024,4096,8192
+    # SmolLM2-135M-Instruct (GGUF) on the passkey test at and beyond its trained context (8,192), the latter
+    # without and with inference-time YaRN / NTK scaling, and the cost of one training step at long contexts
+    flock /tmp/llmlab-heavy.lock .venv/bin/python bench/context_extension.py smollm2 --lengths 2048,4096,8192 \
+        --beyond 16384 --scalings none,yarn,ntk --step-lengths 2048,4096
 
 ``tiny`` prepares Gutenberg with the base model's tokenizer in long documents (paragraph blocks of
 ``--chunk-chars``, so most 1025-token windows hold one book's running text), then compares on the same
@@ -120,26 +122,76 @@ def _tiny(args: argparse.Namespace) -> None:
     (work / "results.json").write_text(json.dumps(results, indent=2))
 
 
+def _train_step_cost(model, length: int) -> dict[str, float]:
+    """Seconds and peak-RSS growth of one bf16-autocast forward + backward of one ``length``-token row."""
+    import resource
+
+    from llmlab.losses.lm import causal_lm_loss
+
+    ids = torch.randint(0, model.cfg.vocab_size, (1, length + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    model.train()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t0 = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = causal_lm_loss(model, batch)
+    (out.loss_sum / out.weight).backward()
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"length": length, "seconds": seconds, "peak_rss_gib": rss, "rss_growth_gib": rss - rss0}
+
+
 def _smollm2(args: argparse.Namespace) -> None:
     from llmlab.eval.long_context import format_passkey_table, passkey_accuracy
+    from llmlab.infer.options import apply_rope_scaling
     from llmlab.loading import load
 
+    depths = tuple(float(x) for x in args.depths.split(","))
+    results: dict = {"depths": depths, "passkey": {}, "train_step": []}
+    out = Path(args.json) if args.json else None
+    if args.step_lengths:  # what training at a longer context would cost here (fp32 weights, bf16 autocast)
+        fp32, _ = load("smollm2")
+        for length in (int(x) for x in args.step_lengths.split(",")):
+            cost = _train_step_cost(fp32, length)
+            results["train_step"].append(cost)
+            print(
+                f"train step, 1 x {length} tokens: {cost['seconds']:.1f}s, peak RSS {cost['peak_rss_gib']:.1f} GiB",
+                flush=True,
+            )
+        del fp32
     model, tok = load("smollm2", dtype="bf16")
-    print(f"SmolLM2-135M-Instruct: max_seq_len {model.cfg.max_seq_len}, rope theta {model.cfg.rope_theta}")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    t0 = time.perf_counter()
-    rows = passkey_accuracy(model, tok, lengths, (0.0, 0.5, 1.0), samples_per_cell=args.samples)
-    print(f"passkey accuracy, bf16, {args.samples} samples per cell ({time.perf_counter() - t0:.0f}s):")
-    print(format_passkey_table(rows))
-    if args.yarn_lengths:
-        native = model.cfg.max_seq_len
-        extra = [int(x) for x in args.yarn_lengths.split(",")]
-        for label, m in (
-            ("no scaling", model),
-            ("YaRN x2", _scaled(model, "yarn", 2.0, native, 2 * native).to(torch.bfloat16)),
-        ):
-            rows = passkey_accuracy(m, tok, extra, (0.0, 0.5, 1.0), samples_per_cell=1)
-            print(f"\npast the trained context, {label}:\n" + format_passkey_table(rows))
+    native = results["native"] = model.cfg.max_seq_len
+    print(f"SmolLM2-135M-Instruct: max_seq_len {native}, rope theta {model.cfg.rope_theta}", flush=True)
+
+    def score(label: str, m, lengths: list[int], samples: int, at=depths) -> None:
+        t0 = time.perf_counter()
+        rows = passkey_accuracy(m, tok, lengths, at, samples_per_cell=samples)
+        seconds = time.perf_counter() - t0
+        results["passkey"].setdefault(label, []).extend(rows)
+        print(f"\npasskey, {label}, bf16, {samples} sample(s) per cell ({seconds:.0f}s):", flush=True)
+        print(format_passkey_table(rows), flush=True)
+        if out:
+            out.write_text(json.dumps(results, indent=2))
+
+    if args.lengths:
+        score("no scaling", model, [int(x) for x in args.lengths.split(",")], args.samples)
+    beyond = [int(x) for x in args.beyond.split(",")] if args.beyond else []
+    beyond_depths = tuple(float(x) for x in args.beyond_depths.split(",")) if args.beyond_depths else depths
+    for kind in args.scalings.split(",") if beyond else []:
+        factor = max(beyond) / native
+        if kind == "none":
+            score("no scaling", model, beyond, args.beyond_samples, beyond_depths)
+            continue
+        # the engine's inference-time switch (llmlab.LLM(rope_scaling=...)): same weights, new RoPE tables
+        apply_rope_scaling(model, {"type": kind, "factor": factor, "original_max_seq_len": native})
+        score(f"{kind} x{factor:g}", model, beyond, args.beyond_samples, beyond_depths)
+        if args.scaled_native:  # the price of the scaling inside the trained context
+            score(f"{kind} x{factor:g}", model, [int(x) for x in args.scaled_native.split(",")], 1)
+        apply_rope_scaling(model, {"type": "none"})
+    if out:
+        out.write_text(json.dumps(results, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -155,9 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--windows", type=int, default=24)
     p.add_argument("--work", default="/tmp/llmlab-bench/context")
     p = sub.add_parser("smollm2", help="passkey accuracy of SmolLM2 at and beyond its context")
-    p.add_argument("--lengths", default="1024,4096,8192")
-    p.add_argument("--yarn-lengths", default="", help="lengths past the native context, with/without YaRN")
+    p.add_argument("--lengths", default="2048,4096,8192", help="lengths inside the trained context")
+    p.add_argument("--depths", default="0,0.5,1")
     p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--beyond", default="", help="lengths past the trained context, e.g. 16384")
+    p.add_argument("--beyond-samples", type=int, default=1)
+    p.add_argument("--beyond-depths", default="", help="depths for --beyond (default: --depths)")
+    p.add_argument("--scalings", default="none,yarn,ntk", help="inference-time RoPE scalings for --beyond")
+    p.add_argument("--scaled-native", default="", help="also score the scaled models at these lengths")
+    p.add_argument("--step-lengths", default="", help="measure one training step at these lengths")
+    p.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -17,6 +17,8 @@ from llmlab.data.loader import iterate_split, open_split
 from llmlab.data.prepare import prepare_dataset
 from llmlab.eval.long_context import (
     NEEDLE,
+    PREAMBLE,
+    QUESTION,
     bucket_losses,
     make_passkey_sample,
     passkey_accuracy,
@@ -56,11 +58,12 @@ def test_passkey_sample_is_correct_by_construction(tok, depth):
     assert tok.decode(sample.answer_ids).strip() == sample.key and len(sample.key) == 5
     n_needle = len(tok.encode(needle))
     assert tok.decode(sample.prompt_ids[sample.needle_start : sample.needle_start + n_needle]) == needle
-    filler_before = text.index(needle) - text.index(" The grass") if depth > 0 else 0
-    filler_total = (
-        len(text) - len(needle) - text.index(" The grass") - len(" What is the pass key? The pass key is")
-    )
-    assert filler_before / filler_total == pytest.approx(depth, abs=0.05)
+    # needle and question follow a full stop (whole filler sentences), never a sentence cut mid-way
+    assert text[: text.index(needle)].rstrip().endswith(".")
+    assert text[: text.index(" What is the pass key?")].rstrip().endswith(".")
+    n_head = len(tok.encode(PREAMBLE))
+    n_filler = 200 - n_head - n_needle - len(tok.encode(QUESTION))
+    assert (sample.needle_start - n_head) / n_filler == pytest.approx(depth, abs=0.05)
 
 
 class InductionModel(nn.Module):

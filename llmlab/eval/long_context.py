@@ -97,7 +97,14 @@ def make_passkey_sample(
     tokenizer, length: int, depth: float, rng: random.Random, digits: int = 5
 ) -> PasskeySample:
     """A prompt of exactly ``length`` tokens with a ``digits``-digit key hidden at ``depth`` (0 = start of the
-    filler, 1 = its end). Filler repeats whole :data:`FILLER` sentences' tokens, cut to fit."""
+    filler, 1 = its end).
+
+    The filler is whole :data:`FILLER` sentences, so the needle and the question always follow a full stop
+    (cutting the filler at a token count left fragments such as "... The sky is blue. The What is the pass
+    key?" and "The The pass key is"); the length is made exact by dropping the first tokens of the first
+    sentence, right after the preamble, far from both. The needle goes to the sentence boundary nearest
+    ``depth``.
+    """
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"passkey depth must be in [0, 1], got {depth}")
     key = str(rng.randrange(10 ** (digits - 1), 10**digits))
@@ -109,9 +116,15 @@ def make_passkey_sample(
     n_filler = length - len(head) - len(needle) - len(question)
     if n_filler < 1:
         raise ConfigError(f"passkey length {length} is too short for the needle and question")
-    unit = enc(" " + FILLER)
-    filler = (unit * (n_filler // len(unit) + 1))[:n_filler]
-    cut = round(depth * n_filler)
+    sentences = [enc(" " + part.strip() + ".") for part in FILLER.split(".") if part.strip()]
+    filler: list[int] = []
+    ends: list[int] = []  # token offsets where a sentence ends, counted from the end of the filler
+    while len(filler) < n_filler:
+        filler = sentences[(-1 - len(ends)) % len(sentences)] + filler  # backwards from the question
+        ends.append(len(filler))
+    filler = filler[len(filler) - n_filler :]
+    boundaries = sorted({0, n_filler, *(n_filler - e for e in ends if e <= n_filler)})
+    cut = min(boundaries, key=lambda b: abs(b - depth * n_filler))
     prompt = head + filler[:cut] + needle + filler[cut:] + question
     return PasskeySample(prompt, enc(" " + key), key, depth, len(head) + cut)
 

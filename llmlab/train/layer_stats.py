@@ -11,12 +11,18 @@ step then adds to its metrics, for each Transformer block ``i``:
 plus ``embed_grad_norm``. When the spike guard skips a step, its ``skip_step`` event names ``layer``: the
 block whose gradient norm grew most over its running median (:meth:`LayerStats.culprit`).
 Off by default: the hooks cost a reduction per block per micro-batch and one host sync per step.
+
+After a run, :func:`find_spikes` reads the logged losses and :func:`trace_spike` the logged per-layer norms
+(``metrics.jsonl`` train rows) to say where each spike started, by the same rule.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -107,3 +113,55 @@ class LayerStats:
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard (FSDP2: per-rank norms, good enough to locate a spike), else ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def find_spikes(
+    losses: Sequence[float], ratio: float = 1.3, window: int = 20, min_history: int = 5
+) -> list[int]:
+    """Indices where a loss spike starts: ``loss[t] > ratio * median(loss[t - window : t])`` (finite values,
+    at least ``min_history`` of them) or a non-finite loss. Consecutive spiking steps count once."""
+    starts, inside = [], False
+    for t in range(min_history, len(losses)):
+        past = [x for x in losses[max(0, t - window) : t] if math.isfinite(x)]
+        bad = not math.isfinite(losses[t]) or (
+            len(past) >= min_history and losses[t] > ratio * statistics.median(past)
+        )
+        if bad and not inside:
+            starts.append(t)
+        inside = bad
+    return starts
+
+
+def _jump(rows: Sequence[dict[str, Any]], t: int, key: str, window: int) -> float | None:
+    past = [r[key] for r in rows[max(0, t - window) : t] if math.isfinite(r.get(key, math.nan))]
+    now = rows[t].get(key)
+    if not past or now is None or not math.isfinite(now):
+        return None
+    return now / max(statistics.median(past), 1e-12)
+
+
+def trace_spike(rows: Sequence[dict[str, Any]], t: int, window: int = 20) -> dict[str, Any]:
+    """Which block a spike at train row ``t`` started in, from logged ``layer{i}_grad_norm`` / ``_act_rms``.
+
+    Each metric's jump is its value at ``t`` over its median across the previous ``window`` rows. ``layer``
+    is the block whose gradient norm jumped most (as :meth:`LayerStats.culprit`); ``act_layer`` the block
+    whose output RMS jumped most. They can disagree: when the residual stream itself blows up, the
+    RMSNorms make the gradients *shrink* as activations grow, and the activations are the better witness.
+    Returns ``{"layer", "act_layer", "grad_norm_jump": {block: x}, "act_rms_jump": {block: x},
+    "embed_grad_norm_jump"}``.
+    """
+    blocks = sorted(
+        {k[: -len("_grad_norm")] for k in rows[t] if k.startswith("layer") and k.endswith("_grad_norm")},
+        key=lambda name: int(name[len("layer") :]),
+    )
+    grad = {b: _jump(rows, t, f"{b}_grad_norm", window) for b in blocks}
+    act = {b: _jump(rows, t, f"{b}_act_rms", window) for b in blocks}
+    grad = {b: v for b, v in grad.items() if v is not None}
+    act = {b: v for b, v in act.items() if v is not None}
+    return {
+        "layer": max(grad, key=grad.__getitem__) if grad else None,
+        "act_layer": max(act, key=act.__getitem__) if act else None,
+        "grad_norm_jump": grad,
+        "act_rms_jump": act,
+        "embed_grad_norm_jump": _jump(rows, t, "embed_grad_norm", window),
+    }
