@@ -10,8 +10,10 @@ from the ``train`` split the SFT traces use). Lookups search a real RAG index (`
 built over the invented-entity corpus. Every condition runs the same tasks in one batched engine (greedy):
 
 - ``no-tools``: one turn, the model answers directly;
-- ``tools``: the native tool loop (``--constrained``: every turn one grammar-constrained call);
-- ``react``: the ReAct text loop (``--react``).
+- ``tools``: the native tool loop;
+- ``constrained``: the native loop with every turn one grammar-constrained call (``final_answer`` ends it);
+- ``react``: the ReAct text loop;
+- ``plan``: plan-and-execute (one planning turn, then the native loop).
 
 It prints success (exact at the task's precision, Wilson 95% interval), mean tool steps, finish reasons and
 per-family success, and writes everything as JSON with ``--out``.
@@ -111,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--n", type=int, default=200, help="tasks (families in turn)")
-    parser.add_argument("--conditions", default="no-tools,tools", help="no-tools, tools, constrained, react")
+    parser.add_argument(
+        "--conditions", default="no-tools,tools", help="no-tools, tools, constrained, react, plan"
+    )
     parser.add_argument("--max-steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -165,15 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                     **{**base, "system_prompt": "Solve the task. Reply with the final answer only."}
                 )
                 rows.append(evaluate(policy, tasks, [], cfg, cond))
-            elif cond in ("tools", "constrained", "react"):
-                cfg = AgentConfig(
-                    **base, constrained=cond == "constrained", mode="react" if cond == "react" else "native"
-                )
+            elif cond in ("tools", "constrained", "react", "plan"):
+                mode = cond if cond in ("react", "plan") else "native"
+                cfg = AgentConfig(**base, constrained=cond == "constrained", mode=mode)
                 rows.append(evaluate(policy, tasks, tools, cfg, cond))
             else:
                 parser.error(f"unknown condition {cond!r}")
-        if args.out:
-            Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
+            if args.out:  # after every condition: a run cut short keeps what it measured
+                Path(args.out).write_text(json.dumps({"model": args.model, "rows": rows}, indent=2))
     return 0
 
 

@@ -6,6 +6,12 @@ Retrieval (BM25 vs dense vs hybrid vs hybrid + LLM rerank) on the 140-question r
 with and without retrieval on the real and the synthetic invented-entity sets, in one run on one model, so
 the rows compare like with like. The first run builds the two indexes (a few minutes on 2 cores); later
 runs reuse them.
+
+``--expansions`` measures LLM query expansion instead (rewrite, multi-query, HyDE vs the plain question) for
+dense and hybrid retrieval on the real set, full and short cloze questions; each expansion is generated once,
+batched, and its amortized cost is in ms/query; single-query latency is timed unbatched on a few questions:
+
+    flock /tmp/llmlab-heavy.lock python bench/rag_eval.py --expansions --limit 70 --work runs/rag_eval
 """
 
 from __future__ import annotations
@@ -14,8 +20,14 @@ import argparse
 import json
 from pathlib import Path
 
-from llmlab.apps.rag.evaluate import format_report, run_eval
-from llmlab.apps.rag.search import MODES
+from llmlab.apps.embeddings import load_embedder
+from llmlab.apps.rag import qaset
+from llmlab.apps.rag.evaluate import expansion_retrieval, format_report, run_eval, single_query_ms
+from llmlab.apps.rag.query import EXPANSIONS
+from llmlab.apps.rag.search import MODES, open_index
+from llmlab.apps.rag.store import build_index
+from llmlab.infer import LLM
+from llmlab.loading import resolve_model_path
 
 
 def markdown(report: dict) -> str:
@@ -50,6 +62,50 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def expansion_report(
+    model: str, work: Path, limit: int, latency_n: int, variants: list[str], out: str | None
+) -> dict:
+    embedder = load_embedder()
+    build_index(qaset.write_eval_corpus(work / "real_corpus"), work / "real.index", embedder)  # incremental
+    index = open_index(work / "real.index", embedder)
+    llm = LLM(resolve_model_path(model), max_batch_size=48, enable_prefix_caching=True)
+    items = qaset.load_qa()[:limit]
+    report: dict = {"model": model, "questions": len(items), "rows": []}
+    for variant in variants:  # full cloze sentence, or its short 4-words-each-side window
+        asked = [{**it, "question": it[variant]} for it in items]
+        for how in (None, *EXPANSIONS):
+            row = {"variant": variant, "expansion": how or "none",
+                   **expansion_retrieval(index, asked, llm, how)}  # fmt: skip
+            if latency_n:
+                row["single_query_ms_hybrid"] = single_query_ms(index, asked[:latency_n], llm, how)
+            report["rows"].append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+            if out:  # after every row: a run cut short keeps what it measured
+                Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def expansion_markdown(report: dict) -> str:
+    lines = [
+        "| questions | expansion | mode | recall@1 | recall@5 | recall@10 | MRR | ms/query (batched) "
+        "| single query, ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        for mode in ("dense", "hybrid"):
+            m = row[mode]
+            single = (
+                f"{row['single_query_ms_hybrid']:.0f}"
+                if mode == "hybrid" and "single_query_ms_hybrid" in row
+                else ""
+            )
+            lines.append(
+                f"| {row['variant']} | {row['expansion']} | {mode} | {m['recall@1']:.3f} | {m['recall@5']:.3f} "
+                f"| {m['recall@10']:.3f} | {m['mrr']:.3f} | {m['ms_per_query']:.0f} | {single} |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2")
@@ -57,10 +113,21 @@ def main() -> None:
     parser.add_argument("--answer-limit", type=int, default=40)
     parser.add_argument("--rerank-limit", type=int, default=20)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--expansions", action="store_true", help="query rewriting / multi-query / HyDE only")
+    parser.add_argument("--limit", type=int, default=140, help="real questions for --expansions")
+    parser.add_argument("--latency-n", type=int, default=3, help="questions timed unbatched per expansion")
+    parser.add_argument("--variants", default="question,short_question")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
+    if args.expansions:
+        report = expansion_report(args.model, Path(args.work), args.limit, args.latency_n,
+                                  args.variants.split(","), args.json)  # fmt: skip
+        print(expansion_markdown(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return
     report = run_eval(
         args.model, Path(args.work), answer_limit=args.answer_limit, rerank_limit=args.rerank_limit
     )

@@ -374,3 +374,14 @@ def test_server_policy_round_trips_tool_calls_through_llmlab_serve():
         forced.reply = "42"
         r = Agent(policy, TOOLS).run("6 times 7?")
         assert r.finish_reason == "stop" and r.answer == "42" and not r.steps
+
+
+def test_a_constrained_turn_that_fails_is_reported_not_asked_again():
+    # e.g. a call cut off by max_tokens under the grammar: the same request would come back the same
+    policy = script(
+        '<tool_call>{"name": "calculator", "arguments": {"expression": "1+', call("final_answer", answer="2")
+    )
+    result = Agent(policy, TOOLS, AgentConfig(constrained=True, max_steps=3)).run("1+1?")
+    assert len(policy.requests) == 2 and all(r.constrained for r in policy.requests)
+    assert result.steps[0].error and "not valid JSON" in result.steps[0].observation
+    assert result.answer == "2" and result.finish_reason == "stop"

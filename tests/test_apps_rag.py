@@ -356,3 +356,48 @@ def test_query_expansion_and_rerank_plumbing_with_a_tiny_model(index_dir, embedd
     assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
     with pytest.raises(ConfigError, match="needs a model"):
         idx.search("x", expand="hyde")
+
+
+class _ScriptedLLM:
+    """Stands in for ``llmlab.LLM`` where only what the expansion code does with its replies is under test."""
+
+    def __init__(self, reply):
+        self.reply, self.generate_calls, self.prompts = reply, 0, 0
+
+    def generate(self, prompts, params=None):
+        from types import SimpleNamespace
+
+        self.generate_calls += 1
+        self.prompts += len(prompts)
+        return [SimpleNamespace(text=self.reply(p[0]["content"])) for p in prompts]
+
+
+def test_expansions_are_written_in_one_batch_and_hyde_finds_what_the_question_cannot(index_dir, embedder):
+    from llmlab.apps.rag.evaluate import expansion_retrieval
+    from llmlab.apps.rag.query import expand_many, expanded_ranking
+
+    multi = _ScriptedLLM(lambda prompt: "1. first way\n2) second way\n- third way\n4. a fourth")
+    assert expand_many(multi, ["q1", "q2", "q3"], "multi") == [["first way", "second way", "third way"]] * 3
+    assert (multi.generate_calls, multi.prompts) == (1, 3)
+
+    text = DOCS["towns/zelbrin.txt"]
+    start = text.index("1751")
+    # Questions that share no word with the passage they need; HyDE's "hypothetical" passage does.
+    items = [
+        {"question": q, "source": "towns/zelbrin.txt", "answer_span": [start, start + 4]}
+        for q in ("Fill in the blank: _____ ?", "When did it happen?", "Year?")
+    ]
+    hyde = _ScriptedLLM(lambda prompt: "Dr. Tosk, an engineer, built the first bridge in 1751.")
+    plain = expansion_retrieval(open_index(index_dir, embedder), items, None, None)
+    idx = open_index(index_dir, embedder)
+    expanded = expansion_retrieval(idx, items, hyde, "hyde")
+    assert hyde.generate_calls == 1  # every question's passage in one batched generate
+    assert expanded["dense"]["mrr"] > plain["dense"]["mrr"]
+    assert expanded["dense"]["recall@5"] == 1.0 > plain["dense"]["recall@5"]
+    for mode in ("dense", "hybrid"):
+        assert expanded[mode]["ms_per_query"] >= expanded[mode]["generate_ms_per_query"] >= 0
+    # Written beforehand or on the spot, the same expansion gives the same ranking.
+    extra = expand_many(hyde, [items[0]["question"]], "hyde")[0]
+    assert expanded_ranking(idx, items[0]["question"], 5, "hybrid", hyde, "hyde", extra) == expanded_ranking(
+        idx, items[0]["question"], 5, "hybrid", hyde, "hyde"
+    )

@@ -10,10 +10,11 @@ Modes:
 - ``plan``: plan-and-execute: one call writes a numbered plan, then the native loop executes it.
 
 Robustness: arguments are validated against the tool's schema and the error goes back as the observation; a
-malformed ``<tool_call>`` is retried once with the constrained grammar (the fallback); a step limit and a
-token budget end the run (``finish_reason`` ``max_steps`` / ``token_budget``); before every turn the history is
-fitted to the context (old observations shortened, then the oldest steps folded into a summary), and a task
-that cannot fit at all ends with ``context_length`` and a message saying so.
+malformed ``<tool_call>`` is retried once with the constrained grammar (the fallback; a turn that was
+already constrained is reported, not re-asked); a step limit and a token budget end the run
+(``finish_reason`` ``max_steps`` / ``token_budget``); before every turn the history is fitted to the context
+(old observations shortened, then the oldest steps folded into a summary), and a task that cannot fit at all
+ends with ``context_length`` and a message saying so.
 
 Prompt injection: tool output is data. It is never merged into the system prompt: it travels in ``tool``
 messages (``<tool_response>`` blocks), with the tags that delimit data or calls neutralised inside it, and the
@@ -264,7 +265,9 @@ class AgentRun:
                 answer = _REACT_FINAL.search(text)
                 self._finish(answer.group(1).strip() if answer else text, "stop")
                 return
-            if self.retries_left > 0:  # fallback: ask again under the tool-call grammar
+            already_constrained = self.config.constrained or self.force_constrained
+            if self.retries_left > 0 and not already_constrained:  # fallback: ask again under the grammar
+                # (a turn that was already under it would come back the same, e.g. cut off by max_tokens)
                 self.retries_left -= 1
                 self.force_constrained = True
                 return

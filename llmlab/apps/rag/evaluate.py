@@ -113,6 +113,43 @@ def _retrieval(index: RagIndex, items: list[dict], mode: str, llm: Any = None, r
     }
 
 
+def expansion_retrieval(
+    index: RagIndex, items: list[dict], llm: Any, how: str | None, modes: Sequence[str] = ("dense", "hybrid")
+) -> dict[str, dict]:
+    """Retrieval metrics per mode with LLM query expansion ``how`` (None: the plain question). The
+    expansions are written once, in one batched generate, and shared by the modes; ``ms_per_query`` is that
+    generation amortized over the questions plus the mode's own search time."""
+    from llmlab.apps.rag.query import expand_many, expanded_ranking  # needs the engine
+
+    t0 = time.perf_counter()
+    extras = expand_many(llm, [it["question"] for it in items], how) if how else [None] * len(items)
+    generate_ms = 1000 * (time.perf_counter() - t0) / max(1, len(items))
+    out = {}
+    for mode in modes:
+        ranks, t1 = [], time.perf_counter()
+        for it, extra in zip(items, extras, strict=True):
+            if how:
+                hits = index.hits(expanded_ranking(index, it["question"], 10, mode, llm, how, extra), 10)
+            else:
+                hits = index.search(it["question"], k=10, mode=mode)
+            ranks.append(first_relevant_rank(hits, it["source"], it["answer_span"]))
+        search_ms = 1000 * (time.perf_counter() - t1) / max(1, len(items))
+        out[mode] = {**retrieval_metrics(ranks), "ms_per_query": generate_ms + search_ms,
+                     "generate_ms_per_query": generate_ms}  # fmt: skip
+    out["examples"] = [{"question": it["question"], "expansion": e} for it, e in list(zip(items, extras))[:3]]
+    return out
+
+
+def single_query_ms(
+    index: RagIndex, items: list[dict], llm: Any, how: str | None, mode: str = "hybrid"
+) -> float:
+    """Mean latency of one unbatched ``index.search`` (expansion included), as ``llmlab rag ask`` pays it."""
+    t0 = time.perf_counter()
+    for it in items:
+        index.search(it["question"], k=10, mode=mode, llm=llm, expand=how)
+    return 1000 * (time.perf_counter() - t0) / max(1, len(items))
+
+
 def _answers(llm: Any, index: RagIndex, items: list[dict], k: int, max_tokens: int) -> dict:
     """Closed-book and open-book answers, their metrics, support features and latency."""
     questions = [it["question"] + EVAL_INSTRUCTION for it in items]
