@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 
+from llmlab.apps.cai_cli import add_feedback_arguments
 from llmlab.cliargs import add_base_argument, add_config_arguments, overrides_from
 from llmlab.outputs import add_output_argument, run_summary
 
@@ -71,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Preference-optimize '--base CKPT' on preference pairs (data=[tasks], hh-rlhf, gsm8k-pairs or a JSONL). "
             "The reference log-probs are computed once and cached; with use_lora=true the reference is the base "
-            "with the adapter disabled. Presets: tiny-dpo, smollm2-dpo-lora."
+            "with the adapter disabled. Presets: tiny-dpo, smollm2-dpo-lora. '--feedback ai' (RLAIF): pairs "
+            "sampled from the policy and labelled by --judge in both orders, then DPO on them."
         ),
     )
     al.add_argument(
@@ -81,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--skip-invalid", action="store_true", help="count and skip malformed pairs instead of stopping"
     )
     _common(al, "tiny-dpo, smollm2-dpo-lora", "align_report.json")
+    add_feedback_arguments(al)  # --feedback ai: RLAIF pairs from a judge (llmlab.apps.rlaif)
     al.set_defaults(func=_align)
 
     ppo = subparsers.add_parser(
@@ -185,6 +188,10 @@ def _align(args: argparse.Namespace) -> int:
     cfg = _build(
         AlignConfig, ALIGN_PRESETS, args, loss=args.loss, skip_invalid="true" if args.skip_invalid else None
     )
+    if args.feedback == "ai":
+        from llmlab.apps.cai_cli import run_align_ai
+
+        return run_align_ai(args, cfg)
     m = run_offline(cfg, args.out)
     _print(
         m,

@@ -5,7 +5,8 @@
     llmlab judge MODEL --label FILE --out labels.jsonl      # FILE: {"prompt", "a", "b"} records
     llmlab cai MODEL --out DIR [--prompts hh-rlhf|FILE] [--limit N] [--constitution FILE]
 
-Heavy imports stay in the handlers.
+and the AI-feedback options of ``llmlab align --feedback ai`` (:func:`add_feedback_arguments`,
+:func:`run_align_ai`; the pairs and DPO are :mod:`llmlab.apps.rlaif`). Heavy imports stay in the handlers.
 """
 
 from __future__ import annotations
@@ -150,4 +151,48 @@ def run_cai(args: argparse.Namespace) -> int:
     s = out["stats"]
     print(f"{s['pairs']} pairs from {s['prompts']} prompts ({s['dropped']} dropped), "
           f"{s['tokens_per_pair']} tokens generated per pair -> {root}/pairs.jsonl, {root}/sft.jsonl")  # fmt: skip
+    return 0
+
+
+def add_feedback_arguments(parser: argparse.ArgumentParser) -> None:
+    """``llmlab align``'s RLAIF options: ``--feedback ai`` samples pairs from the policy and has a judge label
+    them before DPO."""
+    g = parser.add_argument_group("AI feedback (RLAIF): --feedback ai")
+    g.add_argument("--feedback", choices=["data", "ai"], default="data",
+                   help="data: train on 'data=' pairs (default); ai: sample two answers per prompt from the policy, "
+                   "label them with --judge (both orders), train on the confident pairs")  # fmt: skip
+    g.add_argument("--judge", default="smollm2", metavar="MODEL", help="judge model (default smollm2)")
+    g.add_argument("--prompts", default="hh-rlhf",
+                   help="prompts: a named preference source (hh-rlhf, tasks, ...) or a JSONL of {\"prompt\"}")  # fmt: skip
+    g.add_argument("--n-prompts", type=int, default=64, help="prompts to sample for (default 64)")
+    g.add_argument("--min-margin", type=float, default=0.1,
+                   help="keep a pair when the judge's combined verdict |2p-1| exceeds this (default 0.1)")  # fmt: skip
+    g.add_argument("--sample-tokens", type=int, default=64, help="tokens per sampled answer (default 64)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--labels-only", action="store_true",
+                   help="write OUT/ai_feedback.jsonl and stop (train a reward model on it: llmlab rm data=FILE)")  # fmt: skip
+
+
+def run_align_ai(args: argparse.Namespace, align_cfg: Any) -> int:
+    """``llmlab align --feedback ai``: label pairs with the judge, then DPO (``align_cfg``) on them."""
+    from llmlab.apps.rlaif import FEEDBACK_FILE, FeedbackConfig, run_rlaif
+    from llmlab.outputs import run_summary
+
+    feedback = FeedbackConfig(judge=args.judge, prompts=args.prompts, n_prompts=args.n_prompts,
+                              min_margin=args.min_margin, sample_tokens=args.sample_tokens,
+                              temperature=args.temperature, labels_only=args.labels_only)  # fmt: skip
+    metrics = run_rlaif(align_cfg, feedback, args.out)
+    s = metrics["ai_feedback"]
+    labels = Path(args.out) / FEEDBACK_FILE
+    print(f"AI feedback: {s['kept']} pairs kept of {s['prompts']} prompts ({s['dropped_too_close']} too close to "
+          f"call, {s['dropped_identical']} identical); judge self-agreement {s['judge_self_agreement']:.3f}, "
+          f"first-position rate {s['judge_first_position_rate']:.3f} -> {labels}")  # fmt: skip
+    if args.labels_only:
+        print(f"next:   llmlab rm --base {align_cfg.model} data={labels} heldout=null --out RM_DIR")
+        return 0
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+             if k.startswith("val_") or k in ("loss", "pairs_train")}  # fmt: skip
+    print(json.dumps(shown, indent=1, default=str))
+    artefact = "adapter/: the LoRA adapter" if align_cfg.use_lora else "final/: the policy"
+    print(run_summary(args.out, artefact, "align_report.json", f"llmlab chat {args.out}"))
     return 0

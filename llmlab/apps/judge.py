@@ -108,6 +108,22 @@ class Judge:
         self.llm, self.rubric, self.system = llm, rubric, system
         self.a_ids, self.b_ids = letter_ids(llm.tokenizer, "A"), letter_ids(llm.tokenizer, "B")
         self.tokens_generated = 0
+        self._check_template()
+
+    def _check_template(self) -> None:
+        """Render the rubric once through the judge's chat template: a template that fails on it, or that
+        drops its text (e.g. one that knows no user turn), cannot judge anything."""
+        probe = ("JUDGE-PROBE-REQUEST", "JUDGE-PROBE-FIRST", "JUDGE-PROBE-SECOND")
+        try:
+            text = self.llm.encode_prompt(self._messages(*probe))[0] or ""
+        except LLMLabError as exc:
+            raise LLMLabError(f"the judge's chat template cannot render the rubric: {exc}") from exc
+        lost = [marker for marker in probe if marker not in text]
+        if lost:
+            raise LLMLabError(
+                f"the judge's chat template cannot render the rubric: its output lacks the rubric's text "
+                f"({lost[0]} is missing)"
+            )
 
     def _messages(self, request: str, first: str, second: str) -> list[dict[str, str]]:
         try:
@@ -197,8 +213,19 @@ def label_pairs(
 ) -> list[dict[str, Any]]:
     """Preference records from the judge's debiased verdicts; pairs with ``|2p - 1| <= min_margin`` (too close
     to call, e.g. a verdict that flips with the order) are dropped."""
+    return records_from(prompts, xs, ys, judge.compare(prompts, xs, ys), min_margin)
+
+
+def records_from(
+    prompts: Sequence[Any],
+    xs: Sequence[str],
+    ys: Sequence[str],
+    judgements: Sequence[Judgement],
+    min_margin: float = 0.0,
+) -> list[dict[str, Any]]:
+    """:func:`label_pairs` on judgements already made (the same filter and record shape)."""
     records = []
-    for prompt, x, y, j in zip(prompts, xs, ys, judge.compare(prompts, xs, ys), strict=True):
+    for prompt, x, y, j in zip(prompts, xs, ys, judgements, strict=True):
         margin = abs(2 * j.p - 1)
         if margin <= min_margin or x.strip() == y.strip():
             continue
