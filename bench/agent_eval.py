@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -36,18 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 from llmlab.apps.agent import Agent, AgentConfig, EnginePolicy, make_tools  # noqa: E402
 from llmlab.apps.agent.tasks import FAMILIES, generate_tasks, is_correct, sft_records, write_corpus  # noqa: E402
+from llmlab.eval.metrics import wilson_interval  # noqa: E402
 
 TOOLS = ["calculator", "unit_convert", "python", "rag_search"]
 SHORT_SYSTEM = "Solve the task with tools. Reply with the final answer only."
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 0.0)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 class CorpusRetriever:
@@ -70,7 +61,7 @@ def evaluate(policy, tasks, tools, config: AgentConfig, name: str) -> dict:
     results = Agent(policy, tools, config).run_many([t.question for t in tasks])
     seconds = time.perf_counter() - start
     ok = [is_correct(r.answer, t) for r, t in zip(results, tasks, strict=True)]
-    lo, hi = wilson(sum(ok), len(ok))
+    lo, hi = wilson_interval(sum(ok), len(ok))
     per_family = {
         f: round(
             sum(o for o, t in zip(ok, tasks, strict=True) if t.family == f)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from llmlab.errors import LLMLabError
+from llmlab.eval.metrics import wilson_interval
 from llmlab.infer import LLM, SamplingParams
-from llmlab.pipeline.evaluation import wilson_interval
 
 RUBRIC = (
     "Compare two answers to the same request.\n\n"

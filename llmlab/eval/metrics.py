@@ -5,7 +5,9 @@
   (lm-eval 0.4's ``completion_len = len(choice)``; ``acc_bytes`` would divide by UTF-8 bytes);
 - TruthfulQA MC2: ``sum_{i true} p_i / sum_i p_i`` with ``p_i = exp(ll_i)``;
 - stderr of a mean: ``sqrt(sum (x - mean)^2 / (n - 1)) / sqrt(n)`` (lm-eval's ``mean_stderr``);
-- pass@k (Chen et al. 2021, unbiased): ``1 - C(n - c, k) / C(n, k)`` for ``c`` correct of ``n`` samples.
+- pass@k (Chen et al. 2021, unbiased): ``1 - C(n - c, k) / C(n, k)`` for ``c`` correct of ``n`` samples;
+- Wilson score interval of a proportion ``p = k / n``:
+  ``(p + z^2/2n ± z sqrt(p(1 - p)/n + z^2/4n^2)) / (1 + z^2/n)``.
 """
 
 from __future__ import annotations
@@ -92,3 +94,16 @@ def extract_letter(text: str) -> str:
     """The last answer letter A-E in ``(C)``, ``answer is C`` or a lone ``C``, else ``[invalid]``."""
     found = [next(g for g in m if g) for m in _LETTER.findall(text)]
     return found[-1] if found else INVALID
+
+
+def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``wins / n`` (``(0, 1)`` when ``n == 0``: nothing is known).
+
+    Used for every accuracy and win rate the project reports: unlike ``p ± z·stderr`` it stays inside [0, 1]
+    and is honest at 0/n and n/n, which small-n runs hit often."""
+    if n == 0:
+        return 0.0, 1.0
+    p = wins / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

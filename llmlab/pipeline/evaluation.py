@@ -19,11 +19,11 @@ JSON shape per stage.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmlab.eval.metrics import wilson_interval
 from llmlab.pipeline.config import MODEL_STAGES
 
 if TYPE_CHECKING:
@@ -31,16 +31,6 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.json"
-
-
-def wilson_interval(wins: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion ``wins / n`` (``(0, 1)`` when ``n == 0``)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def win_rate(mine: list[bool], theirs: list[bool]) -> dict[str, float]:

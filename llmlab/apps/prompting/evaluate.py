@@ -28,11 +28,10 @@ from llmlab.apps.prompting.exemplars import Embed, ExemplarSelector, gsm8k_pool,
 from llmlab.apps.prompting.structured import generate_json
 from llmlab.data.tasks import get_task, make_test_set
 from llmlab.errors import ConfigError
-from llmlab.eval.metrics import numbers_equal
+from llmlab.eval.metrics import numbers_equal, wilson_interval
 from llmlab.eval.records import ASSETS, read_json_records
 from llmlab.infer import LLM, SamplingParams
 from llmlab.infer.chat import chat_stop_ids
-from llmlab.pipeline.evaluation import wilson_interval
 
 MATH_TASKS = ("svamp", "multiarith", "addsub", "singleeq")
 ALL_TASKS = (*MATH_TASKS, "task_suite")
