@@ -1,29 +1,36 @@
 """Medusa heads on SmolLM2-135M-Instruct: train them, then decode against no speculation, n-gram and a draft.
 
     flock /tmp/llmlab-heavy.lock .venv/bin/python bench/medusa.py [--heads-dir runs/smollm2-medusa]
-        [--train key=value ...] [--prompts 4] [--tokens 48] [--chains 2,4] [--threads 2]
+        [--train key=value ...] [--prompts 4] [--tokens 48] [--chains 1,2,4] [--threads 2] [--train-only]
 
 1. Trains Medusa heads with ``llmlab medusa``'s recipe (self-distillation on the model's own greedy answers
-   to Alpaca training prompts; skipped when ``--heads-dir`` already holds heads) and prints its report.
-2. Batch 1, greedy, held-out Alpaca prompts (never trained on), configurations interleaved prompt by prompt:
+   to Alpaca training prompts, answers and hidden states cached in ``--cache-dir``; skipped when
+   ``--heads-dir`` already holds heads) and prints its report with the held-out curve.
+2. Step cost: median milliseconds of one engine step at batch 1 for a plain decode step, and for Medusa
+   chains of 1 and 4 and the 10-node tree with the heads' rows fused into the verify forward's LM-head
+   matmul and without (a second LM-head read for the heads); and the LM-head matmul alone at those row
+   counts.
+3. Batch 1, greedy, held-out Alpaca prompts (never trained on), configurations interleaved prompt by prompt:
    the target alone, prompt lookup (n-gram, k=4), a draft model (k=4: the distilled SmolLM2 draft of
    ``llmlab distill`` when ``--draft`` exists, else -- as ``bench/decode.py`` does -- the target itself on
    the int4 fast path), Medusa chains of each length in ``--chains`` and the candidate trees of ``TREES``.
    Speedup = total time of the target alone / total time of the configuration, prefill included; acceptance
    length = tokens emitted per request per verify step. Every output must equal the target's own (asserted).
-3. Batch 16 (16 held-out prompts at once, continuous batching): throughput of the target alone, n-gram,
-   the draft, the best Medusa chain and the best tree (best: at batch 1).
+4. Batch 16 (16 held-out prompts at once, continuous batching): throughput and acceptance length of every
+   configuration of step 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,13 +43,17 @@ from llmlab.sft.chat import prompt_ids  # noqa: E402
 
 # Candidate trees (Medusa "choices": top-k rank paths), the root included in the node count.
 TREES = [[[0], [1], [0, 0], [0, 0, 0]], DEFAULT_TREE]
-# Sized for a shared 2-core CPU: ~30k self-generated answer tokens, 300 steps of 256 positions.
+# Sized for a shared 2-core CPU: ~50k self-generated answer tokens, 6000 steps of 256 positions (minutes on
+# the cached hidden states), held-out scores every 1000 steps.
 TRAIN_DEFAULTS = [
-    "max_examples=384",
+    "max_examples=640",
     "response_tokens=80",
-    "max_steps=300",
+    "max_steps=6000",
+    "warmup_steps=100",
+    "eval_every=1000",
+    "log_every=500",
     "accept_prompts=0",
-    "eval_examples=8",
+    "eval_examples=24",
 ]
 
 
@@ -54,7 +65,10 @@ def main() -> int:
     ap.add_argument("--draft", default="runs/smollm2-draft/final", help="distilled draft, if it exists")
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts at batch 1")
     ap.add_argument("--tokens", type=int, default=48, help="max new tokens per prompt")
-    ap.add_argument("--chains", default="2,4", help="Medusa chain lengths to try")
+    ap.add_argument("--chains", default="1,2,4", help="Medusa chain lengths to try")
+    ap.add_argument("--cache-dir", default="runs/smollm2-medusa-cache", help="answers + hidden states cache")
+    ap.add_argument("--train-only", action="store_true", help="stop after training the heads")
+    ap.add_argument("--step-tokens", type=int, default=40, help="tokens per step-cost measurement (0: skip)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -69,7 +83,8 @@ def main() -> int:
     heads_dir = Path(args.heads_dir)
     t0 = time.time()
     if not (heads_dir / "medusa_heads.safetensors").is_file():
-        cfg = load_medusa_config("smollm2-medusa", None, [f"base={args.model}", *TRAIN_DEFAULTS, *args.train])
+        extra = [f"base={args.model}", f"cache_dir={args.cache_dir}", *TRAIN_DEFAULTS, *args.train]
+        cfg = load_medusa_config("smollm2-medusa", None, extra)
         train_report = run_medusa(cfg, heads_dir)
     else:
         train_report = json.loads((heads_dir / "medusa_report.json").read_text())
@@ -80,6 +95,8 @@ def main() -> int:
         "held-out greedy chain acceptance length (after training)",
         f"{train_report['after']['accept_len']:.2f}",
     )
+    if args.train_only:
+        return 0
 
     target, tok = load_base(args.model)
     target = target.float().eval()
@@ -106,6 +123,8 @@ def main() -> int:
         configs[f"Medusa tree of {n} nodes"] = {"method": "medusa", "heads": str(heads_dir), "tree": tree}
     decoders = {name: (llm.speculative_decoder(spec) if spec else None) for name, spec in configs.items()}
     sp = SamplingParams(max_tokens=args.tokens)
+    if args.step_tokens:
+        results["step_cost"] = step_costs(llm, configs, prompts[0], args.step_tokens, report)
 
     def run(name: str, batch: list[list[int]]) -> tuple[float, list[list[int]]]:
         llm.speculative = decoders[name]
@@ -140,26 +159,25 @@ def main() -> int:
         report(f"batch 1: {name}", f"{base / times[name]:.2f}x, acceptance length {alen:.2f}, "
                f"acceptance {rate:.2f}, {tokens[name] / times[name]:.1f} tok/s")  # fmt: skip
 
-    def best(kind: str) -> str:
-        return max((n for n in configs if n.startswith(kind)), key=lambda n: results["batch1"][n]["speedup"])
-
     # ----------------------------------------------------------------------------------- batch 16
     batch = prompts[:16]
     results["batch16"] = {}
     ref16 = None
-    for name in (
-        "target alone",
-        "n-gram, k=4",
-        f"{draft_label}, k=4",
-        best("Medusa chain"),
-        best("Medusa tree"),
-    ):
+    llm.speculative = None
+    llm.generate(batch, SamplingParams(max_tokens=4))  # warm-up at this batch shape
+    for name in configs:
+        dec = decoders[name]
+        if dec is not None:
+            dec.stats = dict.fromkeys(dec.stats, 0)
         dt, outs = run(name, batch)
         ref16 = outs if ref16 is None else ref16
         assert outs == ref16, f"{name}: batch-16 outputs differ from the target's"
         n = sum(len(o) for o in outs)
-        results["batch16"][name] = {"seconds": dt, "tok_per_s": n / dt}
-        report(f"batch 16: {name}", f"{n / dt:.1f} tok/s ({n} tokens, {dt:.1f} s)")
+        alen = dec.mean_accepted_len if dec else 1.0
+        results["batch16"][name] = {"seconds": dt, "tok_per_s": n / dt, "accept_len": alen}
+        report(
+            f"batch 16: {name}", f"{n / dt:.1f} tok/s ({n} tokens, {dt:.1f} s), acceptance length {alen:.2f}"
+        )
     t16 = results["batch16"]
     for name in list(t16)[1:]:
         ratio = t16[name]["tok_per_s"] / t16["target alone"]["tok_per_s"]
@@ -172,6 +190,63 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def step_costs(llm: LLM, configs: dict, prompt: list[int], tokens: int, report) -> dict:
+    """Median ms per engine step at batch 1 (prefill and the first, draft-less step left out): a plain
+    decode step, and Medusa chains of 1 and 4 and the 10-node tree, fused and unfused; then the LM-head
+    matmul alone at the row counts those steps use."""
+    out: dict[str, dict] = {}
+    sp = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    heads = next(spec["heads"] for spec in configs.values() if spec and spec.get("method") == "medusa")
+    cases: list[tuple[str, object, int]] = [("plain decode step", None, 0)]
+    for label, spec in (
+        ("Medusa chain of 1", {"method": "medusa", "heads": heads, "num_tokens": 1}),
+        ("Medusa chain of 4", {"method": "medusa", "heads": heads, "num_tokens": 4}),
+        ("Medusa tree of 10 nodes", {"method": "medusa", "heads": heads, "tree": DEFAULT_TREE}),
+    ):
+        cases += [(f"{label}, unfused (second LM-head read)", spec, 0), (f"{label}, fused", spec, 10**6)]
+    for name, spec, max_rows in cases:
+        dec = llm.speculative_decoder(spec) if spec else None
+        if dec is not None:
+            dec.medusa.max_rows = max_rows
+        llm.speculative = dec
+        llm.generate([prompt[:40]], SamplingParams(max_tokens=6))  # warm-up
+        llm.add_request(prompt, sp)
+        times = []
+        while llm.has_unfinished():
+            t = time.perf_counter()
+            llm.step()
+            times.append(time.perf_counter() - t)
+        ms = 1e3 * statistics.median(times[2:])
+        per_step = dec.mean_accepted_len if dec else 1.0
+        out[name] = {"ms_per_step": ms, "tokens_per_step": per_step}
+        report(f"step cost: {name}", f"{ms:.1f} ms/step, {per_step:.2f} tokens/step")
+    llm.speculative = None
+    model = llm.runner.model
+    W = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 4, 5, 9, 16, 25, 48, 64):
+            x = torch.randn(rows, W.shape[1])
+            ms = _median_ms(lambda x=x: F.linear(x, W))
+            out[f"lm_head_{rows}_rows"] = {"ms": ms}
+            report(f"LM-head matmul alone, {rows} rows", f"{ms:.1f} ms")
+        for T in (1, 2, 3, 4, 5, 10):  # the body's linears see T rows, as in a verify of T tokens
+            ids = torch.tensor([prompt[:T]])
+            ms = _median_ms(lambda ids=ids: model(ids, return_hidden=True), n=7)
+            out[f"body_{T}_tokens"] = {"ms": ms}
+            report(f"body forward (no cache, no LM head), {T} tokens", f"{ms:.1f} ms")
+    return out
+
+
+def _median_ms(fn, n: int = 15) -> float:
+    fn()
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(samples)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from llmlab.errors import LLMLabError
 from llmlab.infer import LLM, SamplingParams
 from llmlab.medusa.data import head_targets
 from llmlab.medusa.heads import CONFIG_FILE, heads_for, load_heads, save_heads
-from llmlab.medusa.loss import chain_scores, medusa_loss
+from llmlab.medusa.loss import chain_scores, medusa_loss, topk_hits
 from llmlab.medusa.tree import build_tree, tree_tokens
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -81,7 +81,30 @@ def test_medusa_greedy_output_equals_the_target_alone_in_a_batch(target_and_head
     assert llm.stats["spec_mean_accepted_len"] > 1.5
     assert llm.stats["preemptions"] > 0
     assert llm.cache.num_free_blocks == llm.cache.num_blocks
-    assert not llm.speculative._hidden  # finished requests leave no hidden state behind
+    assert not llm.speculative.medusa._kept  # finished requests leave no head state behind
+
+
+@pytest.mark.parametrize("tree", [None, [[0], [1], [0, 0], [0, 0, 0]]])
+def test_fused_heads_read_the_lm_head_once_per_step_and_change_nothing(target_and_heads, tree):
+    """At batch 1 the heads' rows ride in the verify forward's LM-head matmul: no separate head read ever
+    runs, and drafts, acceptance and output are exactly those of the unfused path (a second read)."""
+    target, heads = target_and_heads
+    runs = {}
+    for max_rows in (0, 1000):
+        spec = {"method": "medusa", "heads": heads, "num_tokens": 3, "tree": tree}
+        llm = LLM.from_model(target, None, speculative=spec, max_batch_size=1)
+        medusa = llm.speculative.medusa
+        medusa.max_rows = max_rows
+        separate = []
+        real = medusa.head_logits
+        medusa.head_logits = lambda h, num, s=separate, f=real: s.append(len(h)) or f(h, num)
+        outs = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))]
+        runs[max_rows] = outs, dict(llm.speculative.stats), len(separate), dict(medusa.stats)
+    (out0, stats0, reads0, kept0), (out1, stats1, reads1, kept1) = runs[0], runs[1000]
+    assert out0 == out1 == [reference_greedy(target, p, 24) for p in PROMPTS]
+    assert stats0 == stats1 and stats1["accepted"] > 0
+    assert reads0 > 0 and kept0["fused"] == 0  # unfused: the heads' own LM-head read at every drafting step
+    assert reads1 == 0 and kept1["unfused"] == 0 and kept1["fused"] > 0
 
 
 def test_medusa_tree_accepts_off_chain_paths_and_keeps_the_greedy_output(target_and_heads, monkeypatch):
@@ -95,7 +118,7 @@ def test_medusa_tree_accepts_off_chain_paths_and_keeps_the_greedy_output(target_
     llm = LLM.from_model(target, None, speculative=spec, block_size=4, num_blocks=24, max_batch_size=4)
     dec = llm.speculative
     assert isinstance(dec, MedusaTreeDecoder) and dec.tree.size == 6
-    real = dec.head_logits
+    real = dec.medusa.logits
 
     def swapped(reqs, num):
         logits = real(reqs, num)
@@ -103,7 +126,7 @@ def test_medusa_tree_accepts_off_chain_paths_and_keeps_the_greedy_output(target_
         first, second = logits.gather(-1, top[..., :1]), logits.gather(-1, top[..., 1:])
         return logits.scatter(-1, top[..., :1], second).scatter(-1, top[..., 1:], first)
 
-    monkeypatch.setattr(dec, "head_logits", swapped)
+    monkeypatch.setattr(dec.medusa, "logits", swapped)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
     for p, o in zip(PROMPTS, outs, strict=True):
         assert o.token_ids == reference_greedy(target, p, 24)
@@ -124,8 +147,8 @@ def test_tree_layout():
         build_tree([[0, 0, 0, 0]], num_heads=3)
 
 
-@pytest.mark.parametrize("tree", [None, "default"])
-def test_medusa_sampling_matches_the_targets_distribution(tree):
+@pytest.mark.parametrize("tree,fused", [(None, False), (None, True), ("default", False)])
+def test_medusa_sampling_matches_the_targets_distribution(tree, fused):
     """400 sampled requests batched together, on a tiny vocabulary with heads made far off on purpose: the
     first drafted token (the third generated: the prefill gives the first, a plain verify step the second and
     the hidden state the heads read) follows the target's exact marginal, not the heads'."""
@@ -153,6 +176,7 @@ def test_medusa_sampling_matches_the_targets_distribution(tree):
         max_batch_size=16,
         speculative={"method": "medusa", "heads": heads, "num_tokens": 2, "tree": tree},
     )
+    llm.speculative.medusa.max_rows = 10**6 if fused else 0  # heads' rows in the verify matmul, or not
     N = 400
     params = [SamplingParams(temperature=1.0, max_tokens=4, seed=i) for i in range(N)]
     outs = llm.generate([prompt] * N, params)
@@ -225,10 +249,15 @@ def test_head_targets_and_loss_follow_their_formulas():
     logits = F.one_hot(torch.tensor([[1, 2], [3, 0], [0, 6], [7, 8]]), 20).float()
     top1, accepted = chain_scores(logits, labels)
     assert top1.tolist() == [0.75, 1.0] and accepted.tolist() == [2, 1, 0, 2]
+    # topk_hits: a label among the k best counts; unlabelled rows count for nothing.
+    logits = torch.arange(20.0).repeat(4, 2, 1)  # every head ranks 19, 18, 17, ... first
+    labels = torch.tensor([[19, 17], [18, -100], [16, 0], [17, 19]])
+    hits, counts = topk_hits(logits, labels, 3)
+    assert hits.tolist() == [3, 2] and counts.tolist() == [4, 3]
 
 
 # --------------------------------------------------------------------------------------- the command
-def test_medusa_command_trains_saves_and_checks(tmp_path):
+def test_medusa_command_trains_saves_and_checks(tmp_path, monkeypatch):
     from _align_helpers import chat_tokenizer, tiny_model
 
     from llmlab.cli import main
@@ -239,12 +268,27 @@ def test_medusa_command_trains_saves_and_checks(tmp_path):
     )
     out = tmp_path / "heads"
     args = ["medusa", str(base), "--out", str(out), "--heads", "2", "max_examples=12", "response_tokens=24"]
-    args += ["eval_examples=4", "accept_prompts=2", "accept_tokens=16", "max_steps=20", "batch_size=32"]
+    args += ["eval_examples=4", "accept_prompts=2", "accept_tokens=16", "eval_every=10", "max_steps=20"]
+    args += ["batch_size=32", f"cache_dir={tmp_path / 'cache'}"]
     assert main([*args, "progress=false"]) == 0
     report = json.loads((out / "medusa_report.json").read_text())
     assert report["train"]["steps"] == 20 and report["data"]["train_positions"] > 100
     assert report["speculative"]["identical_to_base"] is True
     assert set(report["after"]) >= {"top1_1", "top1_2", "accept_len"}
+    assert (
+        set(report["after"]) >= {"top5_1", "top5_2"}
+        and report["after"]["top5_1"] >= report["after"]["top1_1"]
+    )
+    assert [c["step"] for c in report["curve"]] == [0, 10, 20]  # eval_every=10: the held-out curve
     heads = load_heads(out)
     assert heads.num_heads == 2 and heads.config.base_model == str(base)
+
+    # A rerun (other steps) reuses the cached answers and hidden states: the base runs no forward for them.
+    def no_forward(*a, **k):
+        raise AssertionError("hidden states recomputed")
+
+    monkeypatch.setattr("llmlab.medusa.data.collect_hidden", no_forward)
+    monkeypatch.setattr("llmlab.distill.data.LLM", lambda *a, **k: pytest.fail("answers regenerated"))
+    assert main([*args, "max_steps=4", "accept_prompts=0", "progress=false", "--overwrite"]) == 0
+    assert json.loads((out / "medusa_report.json").read_text())["train"]["steps"] == 4
     assert main(["medusa", str(base), "--out", str(tmp_path / "x"), "train_vocab=most"]) == 2

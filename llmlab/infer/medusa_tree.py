@@ -45,6 +45,10 @@ class MedusaTreeDecoder(SpeculativeDecoder):
         # Rooms are counted up to the tree's depth; chain fallbacks (sampled requests, near max_tokens) draft
         # along the tree's first-choice chain, as far as it goes.
         self.cfg = dataclasses.replace(cfg, num_tokens=self.tree.max_depth)
+        self.medusa.num = self.tree.max_depth  # heads kept per request: one per tree level
+        # Nodes by how likely a step ends on them (few and low ranks first): the ones fused first.
+        paths = self.tree.paths
+        self.fuse_order = sorted(range(len(paths)), key=lambda i: (len(paths[i]) + sum(paths[i]), i))
 
     def decode_step(self, reqs: list[Request]) -> bool:
         sched, runner, tree = self.scheduler, self.runner, self.tree
@@ -56,7 +60,8 @@ class MedusaTreeDecoder(SpeculativeDecoder):
         rooms = [self._room(r, t) for r, t in zip(reqs, tokens, strict=True)]
         if max(rooms) <= 0 or not sched.fits(reqs, T):
             return False
-        ready = [self.has_hidden(r, t) for r, t in zip(reqs, tokens, strict=True)]
+        medusa = self.medusa
+        ready = [medusa.ready(r, t) for r, t in zip(reqs, tokens, strict=True)]
         on_tree = [
             ok and r.params.greedy and room >= tree.max_depth
             for r, ok, room in zip(reqs, ready, rooms, strict=True)
@@ -70,7 +75,7 @@ class MedusaTreeDecoder(SpeculativeDecoder):
         ids = [[t[-1]] * T for t in tokens]
         tree_rows = [i for i, tr in enumerate(on_tree) if tr]
         if tree_rows:
-            logits = self.head_logits([reqs[i] for i in tree_rows], tree.max_depth)
+            logits = medusa.logits([reqs[i] for i in tree_rows], tree.max_depth)
             for row, i in enumerate(tree_rows):
                 topk = [logits[row, d].topk(w).indices.tolist() for d, w in enumerate(tree.widths)]
                 ids[i] = tree_tokens(tree, tokens[i][-1], topk)
@@ -79,14 +84,16 @@ class MedusaTreeDecoder(SpeculativeDecoder):
                 ids[i][tree.chain[j + 1]] = d
         cache.tree = (tree.depth, tree.ancestors)
         try:
-            logits, hidden = runner.forward(
+            out = runner.forward(
                 torch.tensor(ids, device=runner.device),
                 [r.seq_id for r in reqs],
                 last_only=False,
                 with_hidden=True,
+                extra_rows=medusa.extra_rows(len(reqs), self.fuse_order),
             )
         finally:
             cache.tree = None
+        logits, hidden, head_rows = out if len(out) == 3 else (*out, None)
         for row, r in enumerate(reqs):
             if on_tree[row]:
                 path, nxt, processed = self._walk(r, logits[row], ids[row])
@@ -112,7 +119,7 @@ class MedusaTreeDecoder(SpeculativeDecoder):
             if moves:
                 cache.move(r.seq_id, [s for s, _ in moves], [d for _, d in moves])
             cache.truncate(r.seq_id, start + 1 + len(path))
-            self._hidden[r.id] = (len(r.all_token_ids), hidden[row, visit[-1]].clone())
+            medusa.keep(r, row, visit[-1], hidden, head_rows)
         return True
 
     def _walk(self, req: Request, logits: Tensor, ids: list[int]) -> tuple[list[int], int, list[Tensor]]:

@@ -13,6 +13,7 @@ The runner knows nothing about queues: it is handed requests and returns logits 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,23 +59,30 @@ class ModelRunner:
             self.fast.recheck()
 
     def forward(
-        self, ids: Tensor, seq_ids: list[int], last_only: bool = True, with_hidden: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        self,
+        ids: Tensor,
+        seq_ids: list[int],
+        last_only: bool = True,
+        with_hidden: bool = False,
+        extra_rows: Callable[[Tensor], Tensor] | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Logits ``[B, V]`` of the last position (or ``[B, T, V]``) for ``ids`` continuing ``seq_ids``;
-        ``with_hidden``: ``(logits, final-norm hidden states)`` (Medusa heads read them)."""
+        ``with_hidden``: ``(logits, final-norm hidden states)`` (Medusa heads read them). ``extra_rows``
+        maps the hidden states to more rows ``[R, D]`` that go through the same LM-head matmul (the
+        weight is read once); then ``(logits, hidden, their logits [R, V])``."""
         self.cache.set_batch(seq_ids)
         training = self.model.training
         if training:  # e.g. an RL policy between updates: generate without dropout, then restore
             self.model.eval()
         try:
-            return self._forward(ids, last_only, with_hidden)
+            return self._forward(ids, last_only, with_hidden, extra_rows)
         finally:
             if training:
                 self.model.train()
 
     def _forward(
-        self, ids: Tensor, last_only: bool, with_hidden: bool = False
-    ) -> Tensor | tuple[Tensor, Tensor]:
+        self, ids: Tensor, last_only: bool, with_hidden: bool = False, extra_rows: Callable | None = None
+    ) -> Tensor | tuple[Tensor, ...]:
         with torch.inference_mode():
             if self.fast is not None and self.fast.usable(self.model):
                 hidden = self.fast.forward(ids, self.cache)
@@ -84,6 +92,10 @@ class ModelRunner:
                 head = self.model.logits
             if last_only:
                 hidden = hidden[:, -1]
+            if extra_rows is not None:  # one LM-head read for the target's rows and the extra ones
+                rows = hidden.reshape(-1, hidden.shape[-1])
+                out = head(torch.cat([rows, extra_rows(hidden)])).float()
+                return out[: len(rows)].view(*hidden.shape[:-1], -1), hidden, out[len(rows) :]
             logits = head(hidden).float()
             return (logits, hidden) if with_hidden else logits
 

@@ -14,10 +14,11 @@ Three proposers:
   context and the tokens that followed are proposed; no draft model. ``q`` is then a point mass, so the rule
   reduces to "keep with probability ``p(d)``, else resample from ``p`` without ``d``";
 - ``method="medusa"``: Medusa heads (Cai et al. 2024, :mod:`llmlab.medusa.heads`) on the target's own last
-  hidden state. The verify forward also returns the hidden states; the one under the newest token is kept
-  per request, and at the next step head ``k`` drafts token ``k`` of a single chain from it (``q_k``: the
-  head's processed distribution, which ignores the drafts before it -- still a valid proposal). A request
-  with no current hidden state (just prefilled, or after a plain decode step) drafts nothing for one step.
+  hidden state. The heads run inside the verify forward, their rows sharing the target's LM-head matmul
+  (:mod:`llmlab.infer.medusa_state`); the heads' logits under the newest token are kept per request, and at
+  the next step head ``k`` drafts token ``k`` of a single chain from them (``q_k``: the head's processed
+  distribution, which ignores the drafts before it -- still a valid proposal). A request with no current
+  head state (just prefilled, or after a plain decode step) drafts nothing for one step.
 
 Speculation is the engine's decode step: the running requests are drafted and verified together, so it
 combines with continuous batching and streaming (batch 1 is where it pays on a CPU).
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
+from llmlab.infer.medusa_state import MedusaState
 from llmlab.infer.runner import ModelRunner, score
 from llmlab.infer.sampling import SamplingParams, process_logits
 from llmlab.infer.scheduler import Request, Scheduler
@@ -167,10 +169,10 @@ class SpeculativeDecoder:
         self.draft = draft
         self._draft_seqs: dict[str, int] = {}  # request id -> its sequence in the draft's cache
         self.heads: MedusaHeads | None = None
-        # request id -> (its token count then, the target's hidden state under its newest token)
-        self._hidden: dict[str, tuple[int, Tensor]] = {}
+        self.medusa: MedusaState | None = None  # per request: the heads' logits under its newest token
         if cfg.method == "medusa":
             self.heads = medusa_heads_for(cfg.heads, runner.model)
+            self.medusa = MedusaState(self.heads, runner, cfg.num_tokens)
         scheduler.on_free.append(self.release)
         self.stats = {"steps": 0, "proposed": 0, "accepted": 0, "emitted": 0}
 
@@ -197,7 +199,8 @@ class SpeculativeDecoder:
 
     def release(self, req: Request) -> None:
         """Free the draft model's copy of a finished, cancelled or preempted request."""
-        self._hidden.pop(req.id, None)
+        if self.medusa is not None:
+            self.medusa.drop(req.id)
         seq = self._draft_seqs.pop(req.id, None)
         if seq is not None and self.draft is not None:
             self.draft.runner.cache.free_sequence(seq)
@@ -246,13 +249,18 @@ class SpeculativeDecoder:
                     self.draft.runner.cache.add_sequence(seq)
                 proposals.append(self._draft(r, t, self._draft_seqs[r.id], k))
         ids = [[t[-1], *d, *[t[-1]] * (K - len(d))] for t, (d, _) in zip(tokens, proposals, strict=True)]
+        medusa = self.medusa
         out = runner.forward(
             torch.tensor(ids, device=runner.device),
             [r.seq_id for r in reqs],
             last_only=False,
-            with_hidden=self.heads is not None,
+            with_hidden=medusa is not None,
+            extra_rows=medusa.extra_rows(len(reqs), list(range(K + 1))) if medusa is not None else None,
         )
-        logits, hidden = out if self.heads is not None else (out, None)
+        if medusa is None:
+            logits, hidden, head_rows = out, None, None
+        else:  # (logits, hidden) or, with the heads fused into the LM-head read, their logits too
+            logits, hidden, head_rows = out if len(out) == 3 else (*out, None)
         for row, (r, t, (drafts, q)) in enumerate(zip(reqs, tokens, proposals, strict=True)):
             params = r.params
             processed, p = [], []
@@ -273,8 +281,8 @@ class SpeculativeDecoder:
                     break
             if finished:
                 continue  # finishing freed its blocks, the draft's too
-            if hidden is not None:  # the state whose next token is the one just emitted: the heads' input
-                self._hidden[r.id] = (len(r.all_token_ids), hidden[row, n].clone())
+            if medusa is not None:  # the state whose next token is the one just emitted: the heads' input
+                medusa.keep(r, row, n, hidden, head_rows)
             committed = len(t) - 1 + n + 1  # the cache holds every committed token but the newest
             cache.truncate(r.seq_id, committed)
             seq = self._draft_seqs.get(r.id)
@@ -287,17 +295,17 @@ class SpeculativeDecoder:
         self, reqs: list[Request], tokens: list[list[int]], ks: list[int]
     ) -> list[tuple[list[int], Tensor | None]]:
         """Chain drafts from the Medusa heads: ``ks[i]`` tokens for request ``i`` (none without a current
-        hidden state), with the heads' processed distributions ``q`` for sampled requests."""
+        head state), with the heads' processed distributions ``q`` for sampled requests."""
         rows = [
             i
             for i, (r, t, k) in enumerate(zip(reqs, tokens, ks, strict=True))
-            if k > 0 and self.has_hidden(r, t)
+            if k > 0 and self.medusa.ready(r, t)
         ]
         proposals: list[tuple[list[int], Tensor | None]] = [([], None)] * len(reqs)
         if not rows:
             return proposals
         num = min(self.heads.num_heads, max(ks[i] for i in rows))
-        head_logits = self.head_logits([reqs[i] for i in rows], num)
+        head_logits = self.medusa.logits([reqs[i] for i in rows], num)
         for row, i in enumerate(rows):
             r, params = reqs[i], reqs[i].params
             generator = self.runner.generator_for(r)
@@ -314,21 +322,6 @@ class SpeculativeDecoder:
                 qs.append(q)
             proposals[i] = (drafts, torch.stack(qs) if qs else None)
         return proposals
-
-    def has_hidden(self, req: Request, tokens: list[int]) -> bool:
-        """Whether the heads can draft for ``req``: its kept hidden state is under its newest token."""
-        saved = self._hidden.get(req.id)
-        return saved is not None and saved[0] == len(tokens)
-
-    def head_logits(self, reqs: list[Request], num: int) -> Tensor:
-        """The first ``num`` Medusa heads' logits ``[len(reqs), num, V]`` from each request's hidden state."""
-        heads = self.heads
-        h = torch.stack([self._hidden[r.id][1] for r in reqs])
-        with torch.inference_mode():
-            states = heads.states(h.to(next(heads.parameters()).dtype), num).to(h.dtype)
-            if heads.proj is None:
-                return self.runner.head_logits(states)
-            return torch.stack([p(states[:, j]) for j, p in zip(range(num), heads.proj)], 1).float()
 
     def _draft(self, req: Request, tokens: list[int], seq: int, k: int) -> tuple[list[int], Tensor]:
         """Sample ``k`` drafts from the draft model (catching its cache up on committed tokens first)."""

@@ -8,8 +8,11 @@ cross-entropy, which makes a CPU run minutes instead of hours.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +74,30 @@ def collect_hidden(model: nn.Module, examples: Sequence[TokenizedChat], num_head
     if not hidden:
         raise DataError("no training positions: every example is shorter than 3 tokens or has no target")
     return HiddenSet(torch.cat(hidden), torch.cat(labels))
+
+
+def examples_key(examples: Sequence[TokenizedChat], num_heads: int, base: str) -> str:
+    """A fingerprint of what :func:`collect_hidden` computes from: the base, the heads count, every token."""
+    h = hashlib.sha256(json.dumps([base, num_heads]).encode())
+    for ex in examples:
+        h.update(json.dumps([list(ex.input_ids), list(ex.labels)]).encode())
+    return h.hexdigest()
+
+
+def cached_hidden(
+    model: nn.Module, examples: Sequence[TokenizedChat], num_heads: int, path: Path, base: str
+) -> HiddenSet:
+    """:func:`collect_hidden`, kept in ``path`` (a ``torch.save`` file with the examples' fingerprint): a
+    rerun on the same base and examples (more steps, another learning rate) skips the base's forwards."""
+    key = examples_key(examples, num_heads, base)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("key") == key:
+            return HiddenSet(saved["hidden"], saved["labels"])
+    data = collect_hidden(model, examples, num_heads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"key": key, "hidden": data.hidden, "labels": data.labels}, path)
+    return data
 
 
 class HiddenBatchSource:

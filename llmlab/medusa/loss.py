@@ -44,3 +44,13 @@ def chain_scores(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     top1 = hit.sum(0).float() / valid.sum(0).clamp(min=1).float()
     accepted = hit.int().cumprod(dim=1).sum(dim=1)
     return top1, accepted
+
+
+def topk_hits(logits: Tensor, labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per head, how many labelled rows have their label among the head's ``k`` best tokens, and how many
+    rows are labelled: ``(hits [K], counts [K])`` for ``logits [N, K, V]``, ``labels [N, K]`` (top-k
+    accuracy = hits / counts; with a tree of width ``k`` at a head, what that head can contribute)."""
+    valid = labels != IGNORE_INDEX
+    top = logits.topk(k, dim=-1).indices
+    hit = (top == labels.clamp(min=0).unsqueeze(-1)).any(-1) & valid
+    return hit.sum(0), valid.sum(0)

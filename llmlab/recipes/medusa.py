@@ -5,11 +5,14 @@
   what they must draft). ``alpaca``/``gsm8k``/``math``: the shipped SFT conversations, chat-rendered,
   answer tokens only. Anything else: a bundled corpus name or a text/JSONL file (every token).
 - **Cached hidden states.** The base is frozen, so its final-norm hidden states at the trained positions are
-  computed once (:func:`llmlab.medusa.data.collect_hidden`); each training step only runs the heads and the
-  fused LM-head cross-entropy of :func:`llmlab.medusa.loss.medusa_loss`.
+  computed once (:func:`llmlab.medusa.data.collect_hidden`) and kept in ``cache_dir/hidden_*.pt`` (as the
+  answers are in ``cache_dir/self_answers_*.jsonl``, in blocks of :data:`ANSWER_BLOCK` prompts; the output
+  directory unless ``cache_dir`` is set): a rerun with more steps or another learning rate, given the same
+  ``cache_dir``, starts training at once. Each step only runs the heads and the fused LM-head
+  cross-entropy of :func:`llmlab.medusa.loss.medusa_loss`, so thousands of steps take minutes on a CPU.
 - **Held-out measure.** The base's greedy answers to the last ``heldout`` Alpaca prompts (never trained on):
-  each head's top-1 accuracy and the chain acceptance length a greedy Medusa decode would get there, before
-  and after training; then a real greedy speculative decode on a few of those prompts through the engine
+  each head's top-1 and top-5 accuracy and the chain acceptance length a greedy Medusa decode would get
+  there, before training, every ``eval_every`` steps (the report's ``curve``) and after; then a real greedy speculative decode on a few of those prompts through the engine
   (acceptance length, output identical to the base alone).
 
 ``run_medusa(cfg, out)`` writes ``out/medusa_config.json``, ``out/medusa_heads.safetensors`` and
@@ -33,9 +36,9 @@ from llmlab.distill.data import alpaca_split, answer_examples, chat_examples, co
 from llmlab.errors import ConfigError
 from llmlab.infer import LLM, SamplingParams
 from llmlab.losses import LossOutput
-from llmlab.medusa.data import HiddenBatchSource, HiddenSet, collect_hidden
+from llmlab.medusa.data import HiddenBatchSource, HiddenSet, cached_hidden
 from llmlab.medusa.heads import MedusaHeads, heads_for, save_heads
-from llmlab.medusa.loss import chain_scores, medusa_loss
+from llmlab.medusa.loss import chain_scores, medusa_loss, topk_hits
 from llmlab.recipes.common import load_base
 from llmlab.sft.chat import prompt_ids
 from llmlab.sft.datasets import NAMED_DATA, load_conversations
@@ -44,6 +47,9 @@ from llmlab.train.config import TrainConfig
 from llmlab.train.logging import config_dict, write_report
 
 REPORT_FILE = "medusa_report.json"
+ANSWER_BLOCK = (
+    128  # self-generated answers are cached per block of prompts: a larger max_examples reuses them
+)
 
 
 @dataclass
@@ -67,6 +73,9 @@ class MedusaTrainConfig:
     eval_examples: int = 16  # held-out prompts whose greedy answers measure the heads
     accept_prompts: int = 4  # after training: greedy Medusa decoding through the engine (0: skip)
     accept_tokens: int = 64
+    # where the self-generated answers and the hidden states are cached (None: the output directory, which
+    # --overwrite empties); reruns given the same directory skip generation and the base's forwards
+    cache_dir: str | None = None
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
             lr=1e-3,
@@ -149,34 +158,41 @@ def make_medusa_loss_fn(
 
 
 def heads_scores(heads: MedusaHeads, lm_head_weight: Tensor, data: HiddenSet, chunk: int = 256) -> dict:
-    """Each head's top-1 accuracy and the greedy chain acceptance length (:func:`chain_scores`) on ``data``."""
-    hits, totals, accepted = None, None, []
+    """Each head's top-1 and top-5 accuracy and the greedy chain acceptance length (:func:`chain_scores`)
+    on ``data``."""
+    hits1, hits5, totals, accepted = 0, 0, 0, []
     with torch.no_grad():
         for s in range(0, len(data), chunk):
             h = data.hidden[s : s + chunk].to(lm_head_weight.device)
             labels = data.labels[s : s + chunk].to(lm_head_weight.device)
             logits = heads(h, lambda x: F.linear(x, lm_head_weight.to(x.dtype)))
-            top1, acc = chain_scores(logits, labels)
-            n = (labels != -100).sum(0)
-            hits = top1 * n if hits is None else hits + top1 * n
-            totals = n if totals is None else totals + n
+            _, acc = chain_scores(logits, labels)
+            h1, n = topk_hits(logits, labels, 1)
+            h5, _ = topk_hits(logits, labels, 5)
+            hits1, hits5, totals = hits1 + h1, hits5 + h5, totals + n
             accepted.append(acc)
-    top1 = (hits / totals.clamp(min=1)).tolist()
-    out = {f"top1_{k + 1}": v for k, v in enumerate(top1)}
+    n = totals.clamp(min=1)
+    out = {f"top1_{k + 1}": v for k, v in enumerate((hits1 / n).tolist())}
+    out.update({f"top5_{k + 1}": v for k, v in enumerate((hits5 / n).tolist())})
     out["accept_len"] = 1.0 + float(torch.cat(accepted).float().mean())
     return out
 
 
 # --------------------------------------------------------------------------------------------- the run
-def _examples(cfg: MedusaTrainConfig, model: nn.Module, tok: Any, out_dir: Path) -> tuple[list, float]:
+def _examples(cfg: MedusaTrainConfig, model: nn.Module, tok: Any, cache: Path) -> tuple[list, float]:
     """Training examples for ``cfg.data`` and the seconds spent generating them."""
     if cfg.data == "self":
         train_convs, _ = alpaca_split(cfg.heldout)
-        records, seconds = teacher_answers(
-            model, tok, _fitting(model, tok, train_convs)[: cfg.max_examples], cfg.response_tokens,
-            cfg.response_temperature, cfg.response_dtype, cfg.response_batch, cfg.train.seed,
-            cache=out_dir / "self_answers.jsonl",
-        )  # fmt: skip
+        prompts = _fitting(model, tok, train_convs)[: cfg.max_examples]
+        records, seconds = [], 0.0
+        for start in range(0, len(prompts), ANSWER_BLOCK):
+            block, block_seconds = teacher_answers(
+                model, tok, prompts[start : start + ANSWER_BLOCK], cfg.response_tokens,
+                cfg.response_temperature, cfg.response_dtype, cfg.response_batch, cfg.train.seed + start,
+                cache=cache / f"self_answers_{start:05d}.jsonl",
+            )  # fmt: skip
+            records += block
+            seconds += block_seconds
         return answer_examples(records, cfg.max_len, "assistant"), seconds
     if cfg.data in NAMED_DATA:
         convs = alpaca_split(cfg.heldout)[0] if cfg.data == "alpaca" else load_conversations(cfg.data)
@@ -217,16 +233,18 @@ def run_medusa(cfg: MedusaTrainConfig, out_dir: str | Path) -> dict[str, Any]:
     model = model.float().eval().requires_grad_(False)
     head_w = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
 
-    train_ex, gen_seconds = _examples(cfg, model, tok, out_dir)
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else out_dir
+    train_ex, gen_seconds = _examples(cfg, model, tok, cache)
     _, held = alpaca_split(cfg.heldout)
     held_prompts = _fitting(model, tok, held)[: cfg.eval_examples]
     eval_records, _ = teacher_answers(
         model, tok, held_prompts, cfg.response_tokens, batch=cfg.response_batch,
-        cache=out_dir / "eval_answers.jsonl",
+        cache=cache / "eval_answers.jsonl",
     )  # fmt: skip
     t_hidden = time.time()
-    train_set = collect_hidden(model, train_ex, cfg.heads)
-    eval_set = collect_hidden(model, answer_examples(eval_records, cfg.max_len, "assistant"), cfg.heads)
+    train_set = cached_hidden(model, train_ex, cfg.heads, cache / "hidden_train.pt", cfg.base)
+    eval_ex = answer_examples(eval_records, cfg.max_len, "assistant")
+    eval_set = cached_hidden(model, eval_ex, cfg.heads, cache / "hidden_eval.pt", cfg.base)
     hidden_seconds = time.time() - t_hidden
 
     heads = heads_for(model, cfg.heads, cfg.layers, cfg.share_lm_head, base_model=cfg.base)
@@ -257,7 +275,9 @@ def run_medusa(cfg: MedusaTrainConfig, out_dir: str | Path) -> dict[str, Any]:
         "before": trainer.evaluate(),
     }
     t_train = time.time()
-    final = trainer.fit()
+    curve: list[dict[str, float]] = [{"step": 0, **report["before"]}]
+    final = trainer.fit(on_eval=lambda m: curve.append({"step": trainer.step, **m}))
+    report["curve"] = curve
     report["train"] = {
         "steps": trainer.step,
         "positions": trainer.step * cfg.train.batch_size * cfg.train.grad_accum_steps,
@@ -282,7 +302,9 @@ def format_medusa_report(report: dict[str, Any]) -> str:
 
     def line(scores: dict[str, float]) -> str:
         top1 = " ".join(f"{scores[k]:.3f}" for k in sorted(scores) if k.startswith("top1_"))
-        return f"top-1 per head {top1}; greedy chain acceptance length {scores['accept_len']:.2f}"
+        top5 = " ".join(f"{scores[k]:.3f}" for k in sorted(scores) if k.startswith("top5_"))
+        top5 = f", top-5 {top5}" if top5 else ""
+        return f"top-1 per head {top1}{top5}; greedy chain acceptance length {scores['accept_len']:.2f}"
 
     d, t = report["data"], report["train"]
     lines = [
@@ -291,6 +313,7 @@ def format_medusa_report(report: dict[str, Any]) -> str:
         f"(generation {d['generation_seconds']:.0f} s, hidden states {d['hidden_state_seconds']:.0f} s)",
         f"train: {t['steps']} steps, {t['seconds']:.0f} s, final loss {t['final_train_loss']:.3f}",
         f"held-out before: {line(report['before'])}",
+        *(f"held-out at step {c['step']}: {line(c)}" for c in report.get("curve", [])[1:-1]),
         f"held-out after:  {line(report['after'])}",
     ]
     spec = report.get("speculative")
