@@ -130,6 +130,7 @@ def test_overflowing_logits_fall_back_to_the_limit_distribution(kw):
     processed = process_logits(logits, params, prompt_ids=[1, 2])
     assert sample_from(processed, params, torch.Generator().manual_seed(0)) == 1
 
-    llm = LLM.from_model(model(), tokenizer())
-    outs = llm.generate(prompts(3), SamplingParams(**kw, max_tokens=6, ignore_eos=True))
-    assert [len(o.token_ids) for o in outs] == [6, 6, 6]
+    for speculative in (None, {"method": "ngram", "num_tokens": 3}):  # the verify rule draws from p too
+        llm = LLM.from_model(model(), tokenizer(), speculative=speculative)
+        outs = llm.generate(prompts(3), SamplingParams(**kw, max_tokens=6, ignore_eos=True))
+        assert [len(o.token_ids) for o in outs] == [6, 6, 6]

@@ -144,11 +144,15 @@ def ngram_propose(tokens: list[int], k: int, n_max: int = 3, n_min: int = 1) -> 
 def _probs(processed: Tensor, params: SamplingParams) -> Tensor:
     """Sampling distribution of processed logits ``[1, V]`` (one-hot on the argmax when greedy), on the CPU:
     the draws use the request's CPU generator, and every row is read back right away anyway."""
-    if params.greedy:
-        out = torch.zeros(processed.shape[-1])
-        out[int(processed.argmax())] = 1.0
-        return out
-    return torch.softmax(processed.reshape(-1).float(), dim=-1).cpu()
+    if not params.greedy:
+        probs = torch.softmax(processed.reshape(-1).float(), dim=-1).cpu()
+        if bool(torch.isfinite(probs).all()) and float(probs.sum()) > 0.0:
+            return probs
+        # The logits overflowed (a temperature or penalty near 0): the distribution's limit is a point mass on
+        # the largest logit, as in sampling.sample_from, so the acceptance rule still sees a valid p or q.
+    out = torch.zeros(processed.shape[-1])
+    out[int(torch.nan_to_num(processed.reshape(-1).float(), nan=float("-inf")).argmax())] = 1.0
+    return out
 
 
 # ---------------------------------------------------------------------------------- the driver
