@@ -53,26 +53,29 @@ def engine_thread(llm, params, repeats: int) -> list[float]:
     from llmlab.serve.engine_thread import EngineThread
     from llmlab.serve.metrics import ServerMetrics
 
-    async def run() -> list[float]:
-        engine = EngineThread({"m": llm}, ServerMetrics(), max_pending=64)
-        engine.start()
-        res = []
-        try:
-            for i in range(repeats):
-                stream = engine.submit("m", [(f"r{i}", PROMPT, params)])
-                stamps: list[float] = []
-                while not stream.done:
-                    _, out = await stream.queue.get()
-                    if out.delta_token_ids:
-                        stamps += [time.perf_counter()] * len(out.delta_token_ids)
-                    if out.finished:
-                        stream.finished.add(out.request_id)
-                res.append(decode_ms(stamps))
-        finally:
-            engine.stop()
-        return res
+    engine = EngineThread({"m": llm}, ServerMetrics(), max_pending=64)
+    engine.start()
+    return asyncio.run(stream_decode_ms(engine, params, repeats, "side"))
 
-    return asyncio.run(run())
+
+async def stream_decode_ms(engine, params, repeats: int, tag: str) -> list[float]:
+    """Submit ``repeats`` requests one after another through ``engine`` and time each one's tokens as the
+    event loop receives them; stops the engine at the end."""
+    res = []
+    try:
+        for i in range(repeats):
+            stream = engine.submit("m", [(f"{tag}{i}", PROMPT, params)])
+            stamps: list[float] = []
+            while not stream.done:
+                _, out = await stream.queue.get()
+                if out.delta_token_ids:
+                    stamps += [time.perf_counter()] * len(out.delta_token_ids)
+                if out.finished:
+                    stream.finished.add(out.request_id)
+            res.append(decode_ms(stamps))
+    finally:
+        engine.stop()
+    return res
 
 
 def engine_on_main_thread(llm, params, repeats: int) -> list[float]:
@@ -84,23 +87,9 @@ def engine_on_main_thread(llm, params, repeats: int) -> list[float]:
 
     engine = EngineThread({"m": llm}, ServerMetrics(), max_pending=64, own_thread=False)
     res: list[float] = []
-
-    async def client() -> None:
-        try:
-            for i in range(repeats):
-                stream = engine.submit("m", [(f"main{i}", PROMPT, params)])
-                stamps: list[float] = []
-                while not stream.done:
-                    _, out = await stream.queue.get()
-                    if out.delta_token_ids:
-                        stamps += [time.perf_counter()] * len(out.delta_token_ids)
-                    if out.finished:
-                        stream.finished.add(out.request_id)
-                res.append(decode_ms(stamps))
-        finally:
-            engine.stop()
-
-    side = threading.Thread(target=lambda: asyncio.run(client()))
+    side = threading.Thread(
+        target=lambda: res.extend(asyncio.run(stream_decode_ms(engine, params, repeats, "main")))
+    )
     side.start()
     engine.run_here()
     side.join()
