@@ -75,18 +75,10 @@ def _engine(model: str) -> Any:
 
 
 def _read_jsonl(path: str, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    from llmlab.apps.constitutional import read_jsonl
+
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from exc
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{i}: not JSON ({exc.msg})") from exc
+    for i, row in read_jsonl(path):
         missing = [k for k in keys if not isinstance(row, dict) or k not in row]
         if missing:
             raise ConfigError(f"{path}:{i}: missing field '{missing[0]}'")

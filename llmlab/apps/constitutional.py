@@ -112,6 +112,24 @@ def critique_revise(
     return {"pairs": pairs, "sft": sft, "records": records, "stats": stats}
 
 
+def read_jsonl(path: str | Path, label: str = "") -> list[tuple[int, Any]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file; ConfigError for an unreadable file
+    (prefixed by ``label``, e.g. the option that named it) or a line that is not JSON (naming file:line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{label}{path}: cannot read it ({exc.strerror})") from exc
+    records = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((i, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}:{i}: not JSON ({exc.msg})") from exc
+    return records
+
+
 def write_jsonl(path: str | Path, rows: Sequence[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.align.data import NAMED_PAIRS, load_pairs
-from llmlab.apps.constitutional import write_jsonl
+from llmlab.apps.constitutional import read_jsonl, write_jsonl
 from llmlab.apps.judge import Judge, Judgement, records_from, summarize
 from llmlab.errors import ConfigError, LLMLabError
 from llmlab.infer import LLM, SamplingParams
@@ -71,17 +71,7 @@ def load_prompts(source: str, limit: int) -> list[Conversation]:
         raw: list[Any] = [p.prompt for p in load_pairs(source, limit=4 * limit)]
     else:
         raw = []
-        try:
-            lines = Path(source).read_text(encoding="utf-8").splitlines()
-        except OSError as exc:
-            raise ConfigError(f"--prompts {source}: cannot read it ({exc.strerror})") from exc
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{source}:{i}: not JSON ({exc.msg})") from exc
+        for i, rec in read_jsonl(source, label="--prompts "):
             prompt = rec.get("prompt") if isinstance(rec, dict) else None
             if not (isinstance(prompt, str) and prompt.strip()) and not (isinstance(prompt, list) and prompt):
                 raise ConfigError(f"{source}:{i}: needs a non-empty 'prompt' (a string or a message list)")
